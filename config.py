@@ -1,0 +1,157 @@
+"""One typed, flat run config.
+
+Precedence (last wins): the dataclass defaults < `configs/*.yaml` files (in the order given) <
+`--key=value` on the command line. Unknown keys and values of the wrong type are errors that name
+the key and where it came from, so a misspelt option can never be silently ignored.
+
+    cfg = load_config(["configs/run7.yaml", "--lr=1e-5"])
+"""
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class Config:
+    # --- run -------------------------------------------------------------------------------
+    name: str = "tiny"  # runs/<name>/ holds checkpoints, metrics.jsonl and the resolved config
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "bf16"  # compute dtype of the DiT: bf16 | fp32 (CPU bf16 autocast is ~1.7x faster)
+
+    # --- model (model.py) ------------------------------------------------------------------
+    model: str = "tiny"  # a preset name in model.PRESETS; ignored when `ckpt` is given
+    ckpt: str = ""  # official / merged DiT safetensors; the model is built from its metadata
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+    # --- codec (codec.py) ------------------------------------------------------------------
+    codec: str = "mel"  # mel | ltx
+    codec_ckpt: str = ""  # full LTX checkpoint holding audio_vae.* and vocoder.* (codec=ltx)
+
+    # --- text (text.py) --------------------------------------------------------------------
+    text_encoder: str = "byte"  # byte (tiny, random, no download) | a local Gemma 3 directory
+    register_layout: str = "official"  # official (tokens in place) | ltx_core_1_0 (compacted)
+
+    # --- data (data.py) --------------------------------------------------------------------
+    manifest: str = ""  # JSONL of training items
+    val_manifest: str = ""
+    cache_dir: str = "cache"
+    skip_bad: bool = False  # skip (and count) bad inputs instead of stopping with an error
+    sources: dict = field(default_factory=dict)  # source name -> sampling weight
+
+    # --- training (train.py) ---------------------------------------------------------------
+    stage: str = "base"  # base (full DiT) | lora (stage 1) | adaln (stage 2)
+    global_batch: int = 8
+    micro_batch: int = 8
+    max_steps: int = 100
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 1
+    val_every: int = 50
+    ckpt_every: int = 50
+
+
+def _type_error(key, value, want, where):
+    return TypeError(f"config key '{key}' from {where}: expected {want}, got {value!r}")
+
+
+def _coerce(key, value, typ, where):
+    """Convert `value` (from YAML or the CLI) to the field type `typ`, or raise naming `key`."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise _type_error(key, value, "a bool", where)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _type_error(key, value, "an int", where)
+        try:
+            return int(value)
+        except ValueError:
+            raise _type_error(key, value, "an int", where) from None
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _type_error(key, value, "a float", where)
+        try:
+            return float(value)
+        except ValueError:
+            raise _type_error(key, value, "a float", where) from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise _type_error(key, value, "a string", where)
+        return str(value)
+    origin = typing.get_origin(typ) or typ
+    if origin in (list, tuple, dict):
+        if isinstance(value, str):  # from the CLI: YAML syntax, or a bare comma list
+            parsed = yaml.safe_load(value) if value.strip()[:1] in "[{" else [
+                v.strip() for v in value.split(",") if v.strip()]
+            value = parsed
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise _type_error(key, value, "a mapping", where)
+            return dict(value)
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, value, "a list", where)
+        args = typing.get_args(typ)  # list[int] -> (int,); tuple[int, ...] -> (int, Ellipsis)
+        if args:
+            value = [_coerce(key, v, args[0], where) for v in value]
+        return origin(value)
+    raise TypeError(f"config key '{key}': unsupported field type {typ}")
+
+
+def _fields():
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def apply_overrides(cfg, overrides, where):
+    """Return a copy of `cfg` with `overrides` (a dict) applied; unknown keys raise KeyError."""
+    types = _fields()
+    changes = {}
+    for key, value in overrides.items():
+        if key not in types:
+            close = [k for k in types if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise KeyError(f"unknown config key '{key}' in {where}{hint}")
+        changes[key] = _coerce(key, value, types[key], where)
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_config(argv=None, base=None):
+    """Build a Config from YAML paths and `--key=value` arguments (`argv`, default sys.argv[1:])."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = base if base is not None else Config()
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ValueError(f"command-line override '{arg}' must look like --key=value")
+            key, value = arg[2:].split("=", 1)
+            cfg = apply_overrides(cfg, {key.replace("-", "_"): value}, "the command line")
+        else:
+            with open(arg) as f:
+                data = yaml.safe_load(f) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{arg}: a config file must be a YAML mapping of key: value")
+            cfg = apply_overrides(cfg, data, arg)
+    return cfg
+
+
+def config_dict(cfg):
+    """The config as a plain dict (stored in every checkpoint and printed at start)."""
+    return dataclasses.asdict(cfg)
+
+
+def format_config(cfg):
+    """Resolved config as one `key: value` per line, for the log."""
+    return "\n".join(f"{k}: {json.dumps(v)}" for k, v in config_dict(cfg).items())
