@@ -34,9 +34,17 @@ class Config:
     # --- codec (codec.py) ------------------------------------------------------------------
     codec: str = "mel"  # mel | ltx
     codec_ckpt: str = ""  # full LTX checkpoint holding audio_vae.* and vocoder.* (codec=ltx)
+    # --- mel codec (codec.MelCodec; codec=mel): 4 frames x mel_n_mels features per 25 Hz token
+    mel_n_mels: int = 32  # 32 -> 128 features per token, the LTX latent width
+    mel_n_fft: int = 512
+    mel_mean: float = -6.0  # fixed log-mel normalisation (not fitted): (log mel - mean) / std
+    mel_std: float = 2.5
+    griffin_lim_iters: int = 32  # decode quality vs CPU time
 
     # --- text (text.py) --------------------------------------------------------------------
     text_encoder: str = "byte"  # byte (tiny, random, no download) | a local Gemma 3 directory
+    max_text_len: int = 1024  # prompts are truncated / left-padded to this many tokens (LTX: 1024)
+    text_ckpt: str = ""  # file with text_embedding_projection.* + audio_embeddings_connector.*; "" = ckpt
     register_layout: str = "official"  # official (tokens in place) | ltx_core_1_0 (compacted)
 
     # --- data (data.py) --------------------------------------------------------------------
@@ -45,6 +53,14 @@ class Config:
     cache_dir: str = "cache"
     skip_bad: bool = False  # skip (and count) bad inputs instead of stopping with an error
     sources: dict = field(default_factory=dict)  # source name -> sampling weight
+    # --- data: DramaBox format and sampling (data.py) ---------------------------------------
+    min_seconds: float = 1.0  # prepare rejects (or skips) clips shorter than this
+    max_seconds: float = 20.0  # ... and longer than this
+    ref_max_seconds: float = 10.0  # longer references are cropped to a random window (DramaBox ~10 s)
+    clone_probs: list[float] = field(default_factory=lambda: [0.33, 0.33, 0.34])  # forward/reverse/uncond
+    text_dropout: float = 0.1  # prob. of the empty prompt's features instead of the item's
+    max_silence_frames: int = 25  # 0..N latent frames of silence prepended to the target
+    ref_offset_s: float = 0.5  # gap between the target's end and the reference's first position
 
     # --- training (train.py) ---------------------------------------------------------------
     stage: str = "base"  # base (full DiT) | lora (stage 1) | adaln (stage 2)
@@ -59,6 +75,45 @@ class Config:
     log_every: int = 1
     val_every: int = 50
     ckpt_every: int = 50
+    resume: bool = False  # continue from runs/<name>/checkpoint.pt (bit-identical to no interruption)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    param_dtype: str = "fp32"  # storage dtype of the DiT: bf16 at scale, fp32 for CPU autocast runs
+    master_weights: bool = True  # fp32 masters for low-precision trainable params (the bf16 freeze fix)
+    offload_masters: bool = True  # masters + Adam state on the CPU (pinned on CUDA)
+    sigma_sampler: str = "shifted_logit_normal"  # shifted_logit_normal | uniform | fixed
+    sigma_fixed: float = 0.5  # the σ of sigma_sampler=fixed
+    # --- stage 1: LoRA (lora.py) -------------------------------------------------------------
+    lora_targets: list[str] = field(default_factory=lambda: ["laionbox"])  # presets or name patterns
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.0
+    # --- stage 2: SpeakerAdaLNZero + ReFL (adaln.py, speaker.py, losses.py) ------------------
+    adaln_hidden: int = 512
+    speaker_dropout: float = 0.1  # prob. of training a sample without its speaker features
+    speaker_extractors: list[str] = field(default_factory=lambda: ["mel_stats"])
+    speaker_paths: dict = field(default_factory=dict)  # extractor -> local weights directory
+    aux_losses: list[str] = field(default_factory=list)  # speaker | dnsmos
+    aux_ratios: dict = field(default_factory=lambda: {"speaker": 1 / 12, "dnsmos": 1 / 12})  # 6:1 flow:aux
+    aux_cap: float = 20.0
+    aux_decay: float = 0.95
+    aux_sigma_max: float = 0.4
+    aux_max_seconds: float = 10.0
+    aux_clips: int = 1  # clips decoded per micro-batch for the auxiliary losses
+
+    # --- pipeline (pipeline.py): a config with `pipeline:` runs these steps in order --------
+    pipeline: list[str] = field(default_factory=list)  # corpus prepare base lora merge adaln sample eval
+    stage_configs: dict = field(default_factory=dict)  # stage (base | lora | adaln) -> YAML of its overrides
+    corpus_dir: str = "data/tiny"  # corpus.py output; its train / val manifests feed prepare
+    corpus_speakers: int = 8
+    corpus_utts: int = 40  # utterances per speaker, split train / val / judge by corpus.py
+    corpus_seed: int = 0  # the corpus stays the same across training seeds
+    sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
+    sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
+    sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
+    sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
+    sample_batch: int = 32
+    eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
 
 
 def _type_error(key, value, want, where):

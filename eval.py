@@ -1,0 +1,669 @@
+"""Score generated samples and render one self-contained HTML report.
+
+    python eval.py --samples runs/base/samples runs/adaln/samples --baseline base --out report.html \
+        --wavlm /models/wavlm-base-plus-sv --whisper /models/whisper-small \
+        --metrics_jsonl runs/adaln/metrics.jsonl
+
+A sample is a wav with a JSON sidecar of the same name (what sample.py writes: prompt, seed, ref,
+every setting). Its variant is the sidecar's `variant`, else the name of its directory (the
+parent's, for a directory called `samples`). Metrics, each from local weights only:
+
+- spk_sim: WavLM-SV x-vector cosine to the reference at 16 kHz (speaker.py, `--wavlm`);
+- dnsmos_sig / dnsmos_bak / dnsmos_ovr: DNSMOS (dnsmos.py; no weights to fetch, runs everywhere);
+- wer: word error rate of a Whisper transcript (transformers, `--whisper`) against the spoken text;
+- utmos: a TorchScript UTMOS predictor (`--utmos`), wav (B, N) at 16 kHz -> (B,);
+- aes_ce / aes_cu / aes_pc / aes_pq: audiobox-aesthetics (its package, `--aesthetics` checkpoint);
+- judge_acc / judge_margin: the speaker judge (judge.py, `--judge`), for samples whose sidecar
+  names a `speaker` the judge knows.
+A metric without its weights is reported as skipped, with the reason, never as a number.
+
+The LAIONBox protocol (v0.4 card: 6 prompts x 5 speakers x 2 seeds, plus unconditioned samples):
+
+    python eval.py --eval_set laionbox --eval_yaml laionbox.yaml --variant adaln --samples_dir runs/eval \
+        --ckpt merged.safetensors --full_ckpt ltx-2.3.safetensors --adaln speaker_adaln.pt [sample.py flags]
+
+with laionbox.yaml:
+
+    prompts: ["Warm, conversational tone. 'Hello, welcome to the show.'", ...]
+    speakers: {alice: refs/alice.wav, bob: refs/bob.wav}
+    seeds: [42, 123]
+    unconditioned: true
+
+generates every sample with sample.sample(), writes them with sidecars, then scores them.
+Other code adds per-sample numbers with `add_metric_rows(table, metric, values)`.
+"""
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SR_METRIC = 16000  # every metric here works on 16 kHz mono
+METRIC_INFO = {  # name: (description, higher is better)
+    "spk_sim": ("WavLM-SV cosine to the reference", True),
+    "dnsmos_sig": ("DNSMOS speech quality", True),
+    "dnsmos_bak": ("DNSMOS background quality", True),
+    "dnsmos_ovr": ("DNSMOS overall quality", True),
+    "wer": ("Whisper word error rate vs the spoken text", False),
+    "utmos": ("UTMOS predicted MOS", True),
+    "aes_ce": ("audiobox-aesthetics content enjoyment", True),
+    "aes_cu": ("audiobox-aesthetics content usefulness", True),
+    "aes_pc": ("audiobox-aesthetics production complexity", True),
+    "aes_pq": ("audiobox-aesthetics production quality", True),
+    "judge_acc": ("speaker judge accuracy (1 = recognised)", True),
+    "judge_margin": ("speaker judge similarity margin", True),
+}
+
+# -----------------------------------------------------------------------------------------------
+# samples
+
+
+def variant_of(wav_path, meta):
+    """The sidecar's `variant`, else the directory name (its parent's for a dir named `samples`)."""
+    if meta.get("variant"):
+        return str(meta["variant"])
+    parent = Path(wav_path).resolve().parent
+    return parent.parent.name if parent.name == "samples" else parent.name
+
+
+def load_samples(dirs):
+    """Every `*.wav` with a JSON sidecar under `dirs` -> list of {id, variant, path, meta}."""
+    samples = []
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"--samples {d}: not a directory")
+        for wav in sorted(Path(d).rglob("*.wav")):
+            side = wav.with_suffix(".json")
+            if not side.is_file():
+                print(f"eval: {wav} has no sidecar {side.name}; skipped", file=sys.stderr)
+                continue
+            try:
+                meta = json.loads(side.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{side}: not valid JSON ({e})") from e
+            variant = variant_of(wav, meta)
+            sid = f"{variant}/{wav.relative_to(d).with_suffix('')}"
+            if any(s["id"] == sid for s in samples):
+                raise ValueError(f"{wav}: sample id {sid!r} occurs twice; give the directories distinct names "
+                                 "or set 'variant' in the sidecars")
+            samples.append({"id": sid, "variant": variant,
+                            "path": str(wav), "meta": meta})
+    if not samples:
+        raise ValueError(f"no samples (wav + json sidecar) under {', '.join(dirs)}")
+    return samples
+
+
+def read_mono16k(path):
+    """A file as a mono float32 tensor (N,) at 16 kHz."""
+    import torchaudio.functional as AF
+
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    wav = torch.from_numpy(data.mean(1))
+    return AF.resample(wav, rate, SR_METRIC) if rate != SR_METRIC else wav
+
+
+# -----------------------------------------------------------------------------------------------
+# the per-sample metric table: {metric: {sample id: value}}, and {metric: reason} for skipped ones
+
+
+def add_metric_rows(table, metric, values, description=None, higher_is_better=True):
+    """Add per-sample numbers {sample id: float} of `metric` to `table` (the hook other code, e.g.
+    judge.py, uses); non-finite values are dropped rather than averaged."""
+    if description is not None:
+        METRIC_INFO.setdefault(metric, (description, higher_is_better))
+    row = table.setdefault(metric, {})
+    for sid, v in values.items():
+        v = float(v)
+        if math.isfinite(v):
+            row[sid] = v
+    return table
+
+
+def _weights_reason(path, flag):
+    if not path:
+        return f"no weights given ({flag} PATH)"
+    if not os.path.exists(path):
+        return f"weights not found at {path}"
+    return None
+
+
+def metric_spk_sim(samples, wavs, path, device):
+    """Cosine of WavLM-SV embeddings of each sample and its reference (`meta['ref']`)."""
+    from speaker import build_speaker_extractors
+
+    extract = build_speaker_extractors(["wavlm_sv"], {"wavlm_sv": path}, device)
+    out, cache = {}, {}
+    for s in samples:
+        ref = s["meta"].get("ref")
+        if not ref:
+            continue
+        if not os.path.isfile(ref):
+            raise FileNotFoundError(f"{s['path']}: its reference {ref} does not exist")
+        if ref not in cache:
+            cache[ref] = extract(read_mono16k(ref)[None].to(device)).float().cpu()
+        emb = extract(wavs[s["id"]][None].to(device)).float().cpu()
+        out[s["id"]] = torch.nn.functional.cosine_similarity(emb, cache[ref]).item()
+    return {"spk_sim": out}
+
+
+def metric_dnsmos(samples, wavs, device, batch_size=8):
+    """DNSMOS SIG/BAK/OVR of each sample (dnsmos.py, the speechmos P.835 model in PyTorch)."""
+    from dnsmos import DNSMOS
+
+    model = DNSMOS().to(device).eval()
+    out = {"dnsmos_sig": {}, "dnsmos_bak": {}, "dnsmos_ovr": {}}
+    by_length = {}  # clips of one batch must share a length
+    for s in samples:
+        by_length.setdefault(wavs[s["id"]].numel(), []).append(s["id"])
+    with torch.no_grad():
+        for ids in by_length.values():
+            for j in range(0, len(ids), batch_size):
+                chunk = ids[j:j + batch_size]
+                scores = model(torch.stack([wavs[i] for i in chunk]).to(device))
+                for k in ("sig", "bak", "ovr"):
+                    for i, v in zip(chunk, scores[k].tolist()):
+                        out[f"dnsmos_{k}"][i] = v
+    return out
+
+
+def normalize_text(text):
+    """Lower case, no punctuation, single spaces (what WER is computed on)."""
+    text = re.sub(r"[^\w\s']", " ", text.lower()).replace("'", "")
+    return " ".join(text.split())
+
+
+def word_error_rate(reference, hypothesis):
+    """Levenshtein distance over words / number of reference words (of normalised text)."""
+    ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
+    if not ref:
+        return float(len(hyp) > 0)
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+def metric_wer(samples, wavs, path, device):
+    """Whisper (transformers, local weights) transcript vs the spoken text of the prompt."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from sample import spoken_text
+
+    processor = WhisperProcessor.from_pretrained(path)
+    model = WhisperForConditionalGeneration.from_pretrained(path).to(device).eval()
+    # multilingual checkpoints are told the language; English-only ones have no language tokens
+    lang = dict(language="en", task="transcribe") if getattr(model.generation_config, "lang_to_id", None) else {}
+    out = {}
+    for s in samples:
+        target = s["meta"].get("spoken_text") or spoken_text(s["meta"].get("prompt", ""))
+        feats = processor(wavs[s["id"]].numpy(), sampling_rate=SR_METRIC, return_tensors="pt").input_features
+        with torch.no_grad():
+            ids = model.generate(feats.to(device), **lang)
+        out[s["id"]] = word_error_rate(target, processor.batch_decode(ids, skip_special_tokens=True)[0])
+    return {"wer": out}
+
+
+def metric_utmos(samples, wavs, path, device):
+    """UTMOS from a TorchScript file: wav (1, N) at 16 kHz -> score."""
+    model = torch.jit.load(path, map_location=device).eval()
+    with torch.no_grad():
+        return {"utmos": {s["id"]: float(model(wavs[s["id"]][None].to(device)).reshape(-1)[0]) for s in samples}}
+
+
+def metric_aesthetics(samples, path):
+    """audiobox-aesthetics CE/CU/PC/PQ with the package's predictor and a local checkpoint."""
+    from audiobox_aesthetics.infer import initialize_predictor
+
+    predictor = initialize_predictor(ckpt=path)
+    preds = predictor.forward([{"path": s["path"]} for s in samples])
+    out = {f"aes_{k.lower()}": {} for k in ("CE", "CU", "PC", "PQ")}
+    for s, p in zip(samples, preds):
+        for k in ("CE", "CU", "PC", "PQ"):
+            out[f"aes_{k.lower()}"][s["id"]] = float(p[k])
+    return out
+
+
+def metric_judge(samples, wavs, path):
+    """Speaker judge accuracy (0/1) and margin per sample whose sidecar names a known `speaker`."""
+    import judge as judge_lib
+
+    judge = judge_lib.load_judge(path)
+    out = {"judge_acc": {}, "judge_margin": {}}
+    for s in samples:
+        spk = s["meta"].get("speaker")
+        if spk is None or spk not in judge.speakers:
+            continue
+        rep = judge_lib.judge_report(judge, [wavs[s["id"]]], [spk], sample_rate=SR_METRIC)
+        out["judge_acc"][s["id"]], out["judge_margin"][s["id"]] = rep["accuracy"], rep["margin"]
+    return out
+
+
+METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge")
+
+
+def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
+    """Run the metric `groups` whose weights are present -> (table, skipped {metric: reason})."""
+    unknown = set(groups) - set(METRIC_GROUPS)
+    if unknown:
+        raise ValueError(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(METRIC_GROUPS)}")
+    wavs = {s["id"]: read_mono16k(s["path"]) for s in samples}
+    table, skipped = {}, {}
+    jobs = [  # (group, metric names, reason it cannot run or None, function)
+        ("spk_sim", ["spk_sim"], _weights_reason(args.wavlm, "--wavlm"),
+         lambda: metric_spk_sim(samples, wavs, args.wavlm, device)),
+        ("dnsmos", ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovr"], None, lambda: metric_dnsmos(samples, wavs, device)),
+        ("wer", ["wer"], _weights_reason(args.whisper, "--whisper"),
+         lambda: metric_wer(samples, wavs, args.whisper, device)),
+        ("utmos", ["utmos"], _weights_reason(args.utmos, "--utmos"),
+         lambda: metric_utmos(samples, wavs, args.utmos, device)),
+        ("aesthetics", ["aes_ce", "aes_cu", "aes_pc", "aes_pq"], _weights_reason(args.aesthetics, "--aesthetics"),
+         lambda: metric_aesthetics(samples, args.aesthetics)),
+        ("judge", ["judge_acc", "judge_margin"], _weights_reason(args.judge, "--judge"),
+         lambda: metric_judge(samples, wavs, args.judge)),
+    ]
+    for group, names, reason, run in jobs:
+        if group not in groups:
+            reason = "not requested (--metrics)"
+        elif reason is None:
+            try:
+                for name, values in run().items():
+                    add_metric_rows(table, name, values)
+            except ImportError as e:  # a module or package this metric needs is not installed
+                reason = f"cannot import {e.name or e}: {e}"
+        if reason is not None:
+            for name in names:
+                skipped[name] = reason
+        else:
+            for name in names:
+                if not table.get(name):
+                    skipped[name] = "no sample applies (e.g. none has a reference / known speaker)"
+                    table.pop(name, None)
+    return table, skipped
+
+
+# -----------------------------------------------------------------------------------------------
+# statistics
+
+# two-sided 95% Student t quantiles for 1..30 degrees of freedom; 1.96 beyond
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def t95(df):
+    if df < 1:
+        return float("nan")
+    return _T95[int(df) - 1] if df <= 30 else 1.96
+
+
+def mean_ci(values):
+    """(n, mean, half-width of the 95% t interval) of a list of floats."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return 0, float("nan"), float("nan")
+    if n == 1:
+        return 1, float(x[0]), float("nan")
+    return n, float(x.mean()), t95(n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+
+
+def delta_ci(a, b):
+    """Difference of means a - b with a Welch 95% interval (Welch-Satterthwaite degrees of freedom)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return float(a.mean() - b.mean()) if len(a) and len(b) else float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+    return float(a.mean() - b.mean()), t95(max(1, math.floor(df))) * se
+
+
+def summarize(samples, table):
+    """{metric: {variant: (n, mean, ci)}} over the samples of each variant."""
+    variants = sorted({s["variant"] for s in samples})
+    out = {}
+    for metric, values in table.items():
+        out[metric] = {}
+        for v in variants:
+            vals = [values[s["id"]] for s in samples if s["variant"] == v and s["id"] in values]
+            out[metric][v] = mean_ci(vals)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# images: a tiny PNG encoder, spectrograms, SVG loss curves
+
+
+def png_bytes(rgb):
+    """Encode an (H, W, 3) uint8 array as PNG (8-bit truecolour, no filtering)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 per scanline
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+# a perceptual dark-blue -> teal -> yellow ramp (viridis anchor colours)
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def spectrogram_png(wav, n_fft=512, hop=160, height=128, max_width=600, floor_db=80.0):
+    """PNG of the log-magnitude STFT of a 16 kHz mono tensor (N,), low frequencies at the bottom."""
+    win = torch.hann_window(n_fft)
+    if wav.numel() < n_fft:
+        wav = torch.nn.functional.pad(wav, (0, n_fft - wav.numel()))
+    mag = torch.stft(wav, n_fft, hop, window=win, return_complex=True).abs()  # (F, T)
+    db = 20 * torch.log10(mag.clamp(min=1e-8))
+    db = (db - db.max()).clamp(min=-floor_db) / floor_db + 1  # 0..1
+    img = torch.nn.functional.adaptive_avg_pool2d(db[None, None], (height, min(max_width, db.shape[1])))[0, 0]
+    x = img.flip(0).numpy() * (len(_RAMP) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_RAMP) - 2)
+    rgb = _RAMP[lo] + (x - lo)[..., None] * (_RAMP[lo + 1] - _RAMP[lo])
+    return png_bytes(rgb.round().clip(0, 255))
+
+
+def loss_curves_svg(records, keys=("loss", "val_loss"), width=640, height=220):
+    """Inline SVG of `keys` against `step` from metrics.jsonl records (a polyline per key)."""
+    colors = {"loss": "#1f77b4", "val_loss": "#d62728"}
+    series = {k: [(r["step"], r[k]) for r in records if k in r and "step" in r and isinstance(r[k], (int, float))]
+              for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return "<p>no loss records</p>"
+    pts = [p for v in series.values() for p in v]
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
+    pad = 40
+    sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731
+    sy = lambda y: height - pad + (y - y0) / (y1 - y0) * (2 * pad - height)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="loss">',
+             f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>',
+             f'<text x="{pad}" y="{height - 10}" font-size="11">step {x0:g} .. {x1:g}</text>',
+             f'<text x="4" y="{pad - 10}" font-size="11">{y1:.4g}</text>',
+             f'<text x="4" y="{height - pad + 4}" font-size="11">{y0:.4g}</text>']
+    for i, (k, v) in enumerate(series.items()):
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)
+        color = colors.get(k, "#2ca02c")
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
+        parts.append(f'<text x="{width - 120}" y="{20 + 14 * i}" font-size="12" fill="{color}">{k}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def read_metrics_jsonl(path):
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON line ({e})") from e
+    return records
+
+
+# -----------------------------------------------------------------------------------------------
+# HTML
+
+
+def wav_data_uri(path, rate):
+    """The file as a base64 `data:` URI; resampled to `rate` mono 16-bit (0: the file as it is)."""
+    if rate:
+        import torchaudio.functional as AF
+
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+        wav = torch.from_numpy(data.mean(1))
+        wav = AF.resample(wav, sr, rate) if sr != rate else wav
+        buf = io.BytesIO()
+        sf.write(buf, wav.clamp(-1, 1).numpy(), rate, format="WAV", subtype="PCM_16")
+        payload = buf.getvalue()
+    else:
+        payload = Path(path).read_bytes()
+    return "data:audio/wav;base64," + base64.b64encode(payload).decode()
+
+
+def _fmt(mean, ci):
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.3f} ± {ci:.3f}" if math.isfinite(ci) else f"{mean:.3f}"
+
+
+CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}
+.skipped td{color:#888}.better{color:#080}.worse{color:#b00}img.spec{display:block;width:300px;height:96px}
+audio{width:300px}.prompt{max-width:380px}"""
+
+
+def render_html(samples, table, skipped, *, baseline=None, curves=None, title="speakerbox evaluation",
+                player_rate=16000, settings=None):
+    """The whole report as one HTML string: nothing is fetched when it is opened."""
+    curves = curves or {}
+    e = html.escape
+    variants = sorted({s["variant"] for s in samples})
+    summary = summarize(samples, table)
+    metrics = [m for m in METRIC_INFO if m in table] + sorted(m for m in table if m not in METRIC_INFO)
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>",
+           f"<p>{len(samples)} samples, variants: {', '.join(map(e, variants))}"
+           + (f"; baseline: {e(baseline)}" if baseline else "") + ". Mean ± half-width of the 95% t interval.</p>"]
+
+    out.append("<h2>Metrics</h2><table id='summary'><tr><th>metric</th><th>what</th>"
+               + "".join(f"<th>{e(v)}</th>" for v in variants) + "</tr>")
+    for m in metrics:
+        desc = METRIC_INFO.get(m, ("", True))[0]
+        cells = "".join(f"<td>{_fmt(mean, ci)} <small>(n={n})</small></td>" for n, mean, ci in
+                        (summary[m][v] for v in variants))
+        out.append(f"<tr data-metric='{e(m)}'><td>{e(m)}</td><td>{e(desc)}</td>{cells}</tr>")
+    for m, reason in skipped.items():
+        out.append(f"<tr class='skipped' data-metric='{e(m)}'><td>{e(m)}</td><td>{e(METRIC_INFO.get(m, ('',))[0])}"
+                   f"</td><td colspan='{len(variants)}'>skipped: {e(reason)}</td></tr>")
+    out.append("</table>")
+
+    others = [v for v in variants if v != baseline]
+    if baseline:
+        if baseline not in variants:
+            raise ValueError(f"--baseline {baseline!r} is not among the variants {variants}")
+        out.append(f"<h2>Deltas vs {e(baseline)}</h2><table id='deltas'><tr><th>metric</th>"
+                   + "".join(f"<th>{e(v)} − {e(baseline)}</th>" for v in others) + "</tr>")
+        for m in metrics:
+            higher = METRIC_INFO.get(m, ("", True))[1]
+            base_vals = [table[m][s["id"]] for s in samples if s["variant"] == baseline and s["id"] in table[m]]
+            cells = []
+            for v in others:
+                vals = [table[m][s["id"]] for s in samples if s["variant"] == v and s["id"] in table[m]]
+                d, ci = delta_ci(vals, base_vals)
+                cls = ""
+                if math.isfinite(ci) and abs(d) > ci:
+                    cls = "better" if (d > 0) == higher else "worse"
+                cells.append(f"<td class='{cls}'>{'–' if not math.isfinite(d) else f'{d:+.3f}'}"
+                             + (f" ± {ci:.3f}" if math.isfinite(ci) else "") + "</td>")
+            out.append(f"<tr data-metric='{e(m)}'><td>{e(m)}</td>{''.join(cells)}</tr>")
+        out.append("</table>")
+
+    if curves:
+        out.append("<h2>Training curves</h2>")
+        for name, records in curves.items():
+            out.append(f"<h3>{e(name)}</h3>{loss_curves_svg(records)}")
+
+    out.append("<h2>Samples</h2><table id='samples'><tr><th>sample</th><th>prompt</th><th>audio</th>"
+               "<th>spectrogram</th>" + "".join(f"<th>{e(m)}</th>" for m in metrics) + "</tr>")
+    for s in samples:
+        meta = s["meta"]
+        info = f"seed {meta.get('seed', '?')}" + (f", speaker {meta['speaker']}" if meta.get("speaker") else "")
+        ref = meta.get("ref")
+        ref_player = ""
+        if ref and os.path.isfile(ref):
+            uri = wav_data_uri(ref, player_rate)
+            ref_player = f"<br>reference:<br><audio controls class='ref' src='{uri}'></audio>"
+        spec = base64.b64encode(spectrogram_png(read_mono16k(s["path"]))).decode()
+        vals = "".join(f"<td>{table[m][s['id']]:.3f}</td>" if s["id"] in table[m] else "<td>–</td>" for m in metrics)
+        out.append(f"<tr data-sample='{e(s['id'])}'><td>{e(s['id'])}<br><small>{e(info)}</small></td>"
+                   f"<td class='prompt'>{e(str(meta.get('prompt', '')))}</td>"
+                   f"<td><audio controls data-sample='{e(s['id'])}' src='{wav_data_uri(s['path'], player_rate)}'>"
+                   f"</audio>{ref_player}</td>"
+                   f"<td><img class='spec' alt='spectrogram' src='data:image/png;base64,{spec}'></td>{vals}</tr>")
+    out.append("</table>")
+    if settings:
+        out.append(f"<h2>Settings</h2><pre>{e(json.dumps(settings, indent=2, default=str))}</pre>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------------------------
+# the LAIONBox protocol
+
+
+def read_eval_set(path):
+    """The eval-set YAML: prompts, speakers {name: wav}, seeds, unconditioned (bool)."""
+    import yaml
+
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    unknown = set(spec) - {"prompts", "speakers", "seeds", "unconditioned"}
+    if unknown:
+        raise KeyError(f"{path}: unknown keys {sorted(unknown)} (prompts, speakers, seeds, unconditioned)")
+    for key in ("prompts", "seeds"):
+        if not spec.get(key):
+            raise ValueError(f"{path}: '{key}' must be a non-empty list")
+    speakers = spec.get("speakers") or {}
+    if not isinstance(speakers, dict):
+        raise ValueError(f"{path}: 'speakers' must map a speaker name to a reference wav")
+    base = Path(path).parent
+    speakers = {str(k): os.path.abspath(v if os.path.isabs(v) else base / v) for k, v in speakers.items()}
+    for name, ref in speakers.items():
+        if not os.path.isfile(ref):
+            raise FileNotFoundError(f"{path}: reference of speaker {name!r} not found: {ref}")
+    return {"prompts": [str(p) for p in spec["prompts"]], "speakers": speakers,
+            "seeds": [int(s) for s in spec["seeds"]], "unconditioned": bool(spec.get("unconditioned", True))}
+
+
+def laionbox_items(spec):
+    """prompts x speakers x seeds (conditioned), then prompts x seeds with no reference."""
+    items = [{"prompt_index": i, "prompt": p, "speaker": name, "ref": ref, "seed": seed}
+             for i, p in enumerate(spec["prompts"]) for name, ref in spec["speakers"].items() for seed in spec["seeds"]]
+    if spec["unconditioned"]:
+        items += [{"prompt_index": i, "prompt": p, "speaker": None, "ref": None, "seed": seed}
+                  for i, p in enumerate(spec["prompts"]) for seed in spec["seeds"]]
+    return items
+
+
+def generate_eval_set(items, pipeline, out_dir, *, variant, settings, sample_kwargs):
+    """Sample every item with sample.sample() into `out_dir` (wav + sidecar); returns the wav paths.
+
+    pipeline: (model, codec, text_encoder, connector, adaln, speaker). Unconditioned items run
+    with ref_mode none."""
+    from sample import sample, spoken_text
+
+    model, codec, text_encoder, connector, adaln, speaker = pipeline
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for conditioned in (True, False):
+        group = [it for it in items if (it["ref"] is not None) == conditioned]
+        if not group:
+            continue
+        mode = sample_kwargs.get("ref_mode", "adaln") if conditioned else "none"
+        kwargs = dict(sample_kwargs, ref_mode=mode)
+        wavs = sample(model, codec, text_encoder, connector, [it["prompt"] for it in group],
+                      seeds=[it["seed"] for it in group], ref_wavs=[it["ref"] for it in group],
+                      adaln=adaln, speaker=speaker, **kwargs)
+        for it, wav in zip(group, wavs):
+            name = f"p{it['prompt_index']:02d}_{it['speaker'] or 'uncond'}_seed{it['seed']}"
+            path = os.path.join(out_dir, name + ".wav")
+            sf.write(path, wav.T.numpy(), codec.output_rate)
+            meta = dict(settings, variant=variant, prompt=it["prompt"], seed=it["seed"], ref=it["ref"],
+                        speaker=it["speaker"], ref_mode=mode, spoken_text=spoken_text(it["prompt"]))
+            Path(path).with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+            paths.append(path)
+    return paths
+
+
+# -----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    import sample as sample_lib
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", nargs="*", default=[], help="directories of wav + json sidecars")
+    p.add_argument("--baseline", default="", help="variant the others are compared with")
+    p.add_argument("--out", default="report.html")
+    p.add_argument("--title", default="speakerbox evaluation")
+    p.add_argument("--metrics_jsonl", nargs="*", default=[], help="training logs to plot (name=path or path)")
+    p.add_argument("--wavlm", default="", help="local microsoft/wavlm-base-plus-sv directory (spk_sim)")
+    p.add_argument("--whisper", default="", help="local Whisper directory (wer)")
+    p.add_argument("--utmos", default="", help="UTMOS TorchScript file")
+    p.add_argument("--aesthetics", default="", help="audiobox-aesthetics checkpoint")
+    p.add_argument("--judge", default="", help="speaker judge (judge.py) checkpoint")
+    p.add_argument("--metrics", default=",".join(METRIC_GROUPS), help="comma list of metric groups to run")
+    p.add_argument("--player_rate", type=int, default=16000, help="rate of the embedded players (0 = as is)")
+    p.add_argument("--scores", default="", help="also write the per-sample table as JSON here")
+    g = p.add_argument_group("generating an eval set first (sample.py's flags apply)")
+    g.add_argument("--eval_set", default="", choices=["", "laionbox"])
+    g.add_argument("--eval_yaml", default="", help="prompts, speakers, seeds, unconditioned")
+    g.add_argument("--variant", default="model", help="variant name of the generated samples")
+    g.add_argument("--samples_dir", default="eval_samples", help="generated samples go to <samples_dir>/<variant>")
+    sample_lib.add_model_args(g, required=False)
+    sample_lib.add_guidance_args(g)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import sample as sample_lib
+
+    args = parse_args(argv)
+    device = sample_lib.resolve_device(args.device)
+    dirs = list(args.samples)
+    if args.eval_set:
+        if not args.eval_yaml or not args.ckpt:
+            raise SystemExit("--eval_set laionbox needs --eval_yaml and --ckpt (plus sample.py's model flags)")
+        spec = read_eval_set(args.eval_yaml)
+        pipeline = sample_lib.load_pipeline(args, device, sample_lib.compute_dtype(device, args.dtype))
+        out_dir = os.path.join(args.samples_dir, args.variant)
+        kwargs = sample_lib.sample_kwargs(args, device)
+        generate_eval_set(laionbox_items(spec), pipeline, out_dir, variant=args.variant,
+                          settings={k: v for k, v in vars(args).items() if k != "samples"}, sample_kwargs=kwargs)
+        dirs.append(out_dir)
+    if not dirs:
+        raise SystemExit("give --samples DIR ... or --eval_set laionbox")
+    samples = load_samples(dirs)
+    table, skipped = score_samples(samples, args, device, [g.strip() for g in args.metrics.split(",") if g.strip()])
+    curves = {}
+    for spec in args.metrics_jsonl:
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
+        curves[name] = read_metrics_jsonl(path)
+    page = render_html(samples, table, skipped, baseline=args.baseline or None, curves=curves, title=args.title,
+                       player_rate=args.player_rate, settings={"argv": sys.argv[1:] if argv is None else argv})
+    Path(args.out).write_text(page)
+    if args.scores:
+        Path(args.scores).write_text(json.dumps({"scores": table, "skipped": skipped}, indent=2))
+    for m, reason in skipped.items():
+        print(f"{m}: skipped ({reason})")
+    for m, per_variant in summarize(samples, table).items():
+        print(m + "  " + "  ".join(f"{v}={_fmt(mean, ci)}" for v, (n, mean, ci) in per_variant.items()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Fold a LoRA into an LTX-2 checkpoint: a drop-in replacement file, official names and metadata kept.
+
+    python merge.py --ckpt ltx-2.3-22b-dev.safetensors --lora runs/run7/lora.safetensors \
+        --out merged_dit.safetensors [--dtype bf16] [--strength 1.0]
+
+Each adapted weight becomes `W + B @ A` (computed in fp32, then cast; the factors of the file —
+alpha/r when it has `.alpha` keys, and --strength — applied as `lora.read_lora_file` does). Every
+other tensor of the base file (video stream, VAE, vocoder, text projection, ...) is copied through
+byte for byte, so the result loads wherever the base file does. --dtype sets the dtype of the
+transformer's floating tensors (`model.diffusion_model.*`); `keep` leaves them as they are.
+
+The file is streamed one tensor at a time (the output header is planned from the input header),
+so merging the 22B checkpoint needs memory for one weight matrix, not for the model, and the
+output appears only when complete (temp file + os.replace).
+"""
+
+import argparse
+import json
+import os
+import struct
+import sys
+
+import torch
+from safetensors import safe_open
+
+from lora import read_lora_file
+from model import PREFIX, read_safetensors_metadata
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}
+# safetensors dtype codes of the dtypes we may write (the format's spelling)
+ST_CODE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+FLOAT_CODES = ("F32", "BF16", "F16")  # cast by --dtype; fp8 and integer tensors are copied as they are
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+COPY_CHUNK = 64 << 20
+
+
+def read_header(path):
+    """(header dict without __metadata__, metadata dict, byte offset where tensor data starts)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta, 8 + n
+
+
+def _tensor_bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
+    """Write `out`: `ckpt` with the LoRA at `lora_path` folded in. Returns a summary dict."""
+    ckpt, lora_path, out = os.fspath(ckpt), os.fspath(lora_path), os.fspath(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = DTYPES[dtype]
+    header, meta, data_start = read_header(ckpt)
+    updates, unmatched = read_lora_file(lora_path, strength)
+    if unmatched:
+        raise ValueError(f"{lora_path}: {len(unmatched)} keys are not LoRA A/B pairs: {unmatched[:10]}")
+    missing, wrong = [], []
+    for module, (a, b) in updates.items():
+        key = f"{PREFIX}{module}.weight"
+        if key not in header:
+            missing.append(key)
+        elif header[key]["shape"] != [b.shape[0], a.shape[1]]:
+            wrong.append(f"{key}: base {header[key]['shape']} vs LoRA {[b.shape[0], a.shape[1]]}")
+        elif header[key]["dtype"] not in FLOAT_CODES:
+            wrong.append(f"{key}: base dtype {header[key]['dtype']} (fp8/quantised bases cannot be merged "
+                         "exactly; use the bf16 checkpoint)")
+    if missing or wrong:
+        raise ValueError(f"{lora_path} does not fit {ckpt}:\n" + "\n".join(
+            ([f"  {len(missing)} LoRA layers missing from the base: {missing[:10]}"] if missing else []) + wrong))
+    merged_keys = {f"{PREFIX}{m}.weight": m for m in updates}
+
+    # plan: output dtype code of every tensor, in the base file's data order
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    plan, offset = {}, 0
+    for key in order:
+        info = header[key]
+        code = info["dtype"]
+        if key.startswith(PREFIX) and code in FLOAT_CODES and target is not None:
+            code = ST_CODE[target]
+        n = 1
+        for s in info["shape"]:
+            n *= s
+        size = n * ITEMSIZE[code] if (key in merged_keys or code != info["dtype"]) else (
+            info["data_offsets"][1] - info["data_offsets"][0])
+        plan[key] = {"dtype": code, "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    lora_meta = read_safetensors_metadata(lora_path)
+    out_meta = dict(meta)  # the original metadata (config included), plus a record of what was merged
+    out_meta["merged_lora"] = json.dumps({
+        "file": os.path.basename(lora_path), "strength": strength, "layers": len(updates),
+        **{k: lora_meta[k] for k in ("base_model", "lora_rank", "lora_alpha") if k in lora_meta}})
+    head = json.dumps({"__metadata__": out_meta, **plan}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8-byte alignment
+
+    tmp = f"{out}.tmp.{os.getpid()}"
+    counts = {"merged": 0, "cast": 0, "copied": 0}
+    try:
+        with safe_open(ckpt, framework="pt", device="cpu") as src, open(ckpt, "rb") as raw, open(tmp, "wb") as dst:
+            dst.write(struct.pack("<Q", len(head)) + head)
+            for key in order:
+                info, want = header[key], plan[key]
+                if key in merged_keys:
+                    a, b = updates[merged_keys[key]]
+                    w = src.get_tensor(key)
+                    out_dtype = target or w.dtype
+                    dst.write(_tensor_bytes((w.float() + b @ a).to(out_dtype)))  # fp32 sum, one rounding
+                    counts["merged"] += 1
+                elif want["dtype"] != info["dtype"]:
+                    dst.write(_tensor_bytes(src.get_tensor(key).to(target)))
+                    counts["cast"] += 1
+                else:
+                    begin, end = info["data_offsets"]
+                    raw.seek(data_start + begin)
+                    left = end - begin
+                    while left:
+                        chunk = raw.read(min(left, COPY_CHUNK))
+                        if not chunk:
+                            raise ValueError(f"{ckpt}: truncated file (tensor {key})")
+                        dst.write(chunk)
+                        left -= len(chunk)
+                    counts["copied"] += 1
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {**counts, "bytes": 8 + len(head) + offset, "out": out}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="base checkpoint (official LTX-2 safetensors)")
+    p.add_argument("--lora", required=True, help="LoRA safetensors (ours, ComfyUI or ltx-core layout)")
+    p.add_argument("--out", required=True, help="merged safetensors to write")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of the transformer tensors")
+    p.add_argument("--strength", type=float, default=1.0, help="multiplier of the LoRA update")
+    args = p.parse_args(argv)
+    for flag, path in (("--ckpt", args.ckpt), ("--lora", args.lora)):
+        if not os.path.isfile(path):
+            sys.exit(f"merge.py: {flag} {path}: no such file")
+    s = merge_checkpoint(args.ckpt, args.lora, args.out, dtype=args.dtype, strength=args.strength)
+    print(f"{s['out']}: {s['merged']} weights merged, {s['cast']} cast to {args.dtype}, "
+          f"{s['copied']} copied unchanged, {s['bytes'] / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

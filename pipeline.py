@@ -1,0 +1,303 @@
+"""The whole recipe, end to end, from one config: corpus -> prepare -> base -> lora -> merge -> adaln
+-> sample -> eval.
+
+    ./run.sh configs/tiny.yaml                    # = python pipeline.py configs/tiny.yaml
+    python pipeline.py configs/micro.yaml --name=smoke --out_dir=/tmp/runs
+
+A config with a `pipeline:` list of steps runs them in order. The training steps are the same
+commands a person would type, each a subprocess of this Python: `train.py CONFIG STAGE_YAML
+[--key=value ...] --stage=... --name=<name>_<stage> --ckpt=<previous stage's output>`, where
+`stage_configs` maps a stage to the YAML with that stage's overrides. Each stage hands its output
+to the next:
+
+    base   runs/<name>_base/dit.safetensors        (the DiT + text connector, from scratch)
+    lora   runs/<name>_lora/lora.safetensors       (stage 1 on the frozen base)
+    merge  runs/<name>/merged.safetensors          (merge.py: the LoRA folded into the base)
+    adaln  runs/<name>_adaln/adaln.pt              (stage 2: SpeakerAdaLNZero on the frozen merge)
+
+`sample` speaks every validation prompt with one held-out reference clip of each speaker (the
+corpus's `val` split: seen by neither the generator's training nor the judge) in three variants:
+
+    baseline      the merged backbone, no speaker path: it cannot know the voice (chance)
+    adaln         stage 2, speaker from the reference through SpeakerAdaLNZero
+    adaln_guided  the same with speaker guidance (spk_cfg = sample_spk_cfg)
+
+`eval` trains the speaker judge (judge.py) on the corpus's `judge` split, writes its accuracy
+(chance = 1/speakers) and similarity margin per variant to runs/<name>/judge.json, and runs
+eval.py for the HTML report runs/<name>/report.html. Everything else the run wrote is listed in
+runs/<name>/summary.json, with the wall time of every step.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from config import config_dict, load_config
+
+STEPS = ("corpus", "prepare", "base", "lora", "merge", "adaln", "sample", "eval")
+STAGE_OUTPUT = {"base": "dit.safetensors", "lora": "lora.safetensors", "adaln": "adaln.pt"}
+VARIANTS = ("baseline", "adaln", "adaln_guided")
+HERE = Path(__file__).resolve().parent
+
+
+def split_argv(argv):
+    """(YAML paths, --key=value overrides) of the command line, each in the order given."""
+    return [a for a in argv if not a.startswith("--")], [a for a in argv if a.startswith("--")]
+
+
+def paths(cfg):
+    """Every file a pipeline run reads from or writes to, by name."""
+    run = Path(cfg.out_dir) / cfg.name
+    corpus = Path(cfg.corpus_dir)
+    out = {"run": run, "corpus": corpus, "train": corpus / "train.jsonl", "val": corpus / "val.jsonl",
+           "judge_split": corpus / "judge.jsonl", "merged": run / "merged.safetensors",
+           "samples": run / "samples", "judge": run / "judge.pt", "judge_json": run / "judge.json",
+           "report": run / "report.html", "scores": run / "scores.json", "summary": run / "summary.json",
+           "data_config": run / "data_config.json"}
+    for stage, file in STAGE_OUTPUT.items():
+        out[f"{stage}_dir"] = Path(cfg.out_dir) / f"{cfg.name}_{stage}"
+        out[stage] = out[f"{stage}_dir"] / file
+    return out
+
+
+def check_config(cfg, yamls):
+    """Clear errors for a pipeline config that cannot run, before minutes of work."""
+    where = " + ".join(yamls) or "the command line"
+    if not cfg.pipeline:
+        raise ValueError(f"{where}: `pipeline` is empty: list the steps to run, from {', '.join(STEPS)}")
+    unknown = [s for s in cfg.pipeline if s not in STEPS]
+    if unknown:
+        raise ValueError(f"{where}: unknown pipeline steps {unknown}; known: {', '.join(STEPS)}")
+    order = [STEPS.index(s) for s in cfg.pipeline]
+    if order != sorted(order) or len(set(order)) != len(order):
+        raise ValueError(f"{where}: pipeline steps {cfg.pipeline} must each appear once, in the order {', '.join(STEPS)}")
+    for stage, path in cfg.stage_configs.items():
+        if stage not in STAGE_OUTPUT:
+            raise ValueError(f"{where}: stage_configs key '{stage}' is not a training stage ({', '.join(STAGE_OUTPUT)})")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: stage_configs.{stage} = {path}: file not found")
+
+
+CONFIG_LINE = re.compile(r'^[a-z][a-z_0-9]*: (".*"|-?[0-9.e+-]+|true|false|null|\[.*\]|\{.*\})$')
+
+
+def run_command(args, log_path):
+    """Run `args` (a list) with this Python; its output is shown (progress bars on stderr as they
+    are, the resolved-config dump left out) and kept whole in `log_path`. Raises on failure."""
+    cmd = [sys.executable, *map(str, args)]
+    print("  $ " + " ".join(cmd[1:]), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+        def pump_stderr():  # chunks, not lines: tqdm redraws its bar with \r
+            while chunk := proc.stderr.read(1):
+                sys.stderr.write(chunk)
+                log.write(chunk)
+
+        errors = threading.Thread(target=pump_stderr, daemon=True)
+        errors.start()
+        for line in proc.stdout:
+            log.write(line)
+            if not CONFIG_LINE.match(line.rstrip("\n")):
+                sys.stdout.write("    " + line)
+                sys.stdout.flush()
+        errors.join()
+        proc.wait()
+    if proc.returncode != 0:
+        tail = "".join(open(log_path).readlines()[-25:])
+        raise RuntimeError(f"step failed (exit {proc.returncode}): {' '.join(cmd[1:])}\n"
+                           f"last lines of {log_path}:\n{tail}")
+
+
+# -----------------------------------------------------------------------------------------------
+# the steps
+
+
+def step_corpus(cfg, p, yamls, overrides):
+    run_command(["corpus.py", "--out", p["corpus"], "--speakers", cfg.corpus_speakers,
+                 "--utts_per_speaker", cfg.corpus_utts, "--seed", cfg.corpus_seed], p["run"] / "logs" / "corpus.log")
+
+
+def step_prepare(cfg, p, yamls, overrides):
+    run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['train']}", f"--val_manifest={p['val']}"],
+                p["run"] / "logs" / "prepare.log")
+
+
+def train_stage(stage, ckpt):
+    """The step that trains `stage` on top of `ckpt` (a path key of `paths`, or None)."""
+    def step(cfg, p, yamls, overrides):
+        stage_yaml = [cfg.stage_configs[stage]] if stage in cfg.stage_configs else []
+        args = ["train.py", *yamls, *stage_yaml, *overrides, f"--stage={stage}", f"--name={cfg.name}_{stage}",
+                f"--manifest={p['train']}", f"--val_manifest={p['val']}", f"--ckpt={p[ckpt] if ckpt else ''}"]
+        run_command(args, p["run"] / "logs" / f"{stage}.log")
+        if not p[stage].is_file():
+            raise RuntimeError(f"train.py --stage={stage} finished without writing {p[stage]}")
+    return step
+
+
+def step_merge(cfg, p, yamls, overrides):
+    run_command(["merge.py", "--ckpt", p["base"], "--lora", p["lora"], "--out", p["merged"], "--dtype", "keep"],
+                p["run"] / "logs" / "merge.log")
+
+
+def reference_clips(manifest):
+    """(prompts, {speaker: first clip}) of a corpus manifest: every prompt, one reference per speaker."""
+    rows = [json.loads(line) for line in open(manifest, encoding="utf-8") if line.strip()]
+    refs = {}
+    for r in rows:
+        refs.setdefault(r["speaker"], str((Path(manifest).parent / r["audio"]).resolve()))
+    return [r["text"] for r in rows], refs
+
+
+def step_sample(cfg, p, yamls, overrides):
+    """Every validation prompt x one held-out reference per speaker, for each of VARIANTS."""
+    import soundfile as sf
+    import torch
+
+    import sample as sample_lib
+
+    prompts, refs = reference_clips(p["val"])
+    # the config that made the cache (no `ckpt`: the text projection is the seeded random one)
+    p["data_config"].write_text(json.dumps({"config": {**config_dict(cfg), "ckpt": "", "stage": "adaln"}}))
+    items = [(prompt, spk, seed) for prompt in prompts for spk in sorted(refs) for seed in cfg.sample_seeds]
+    for variant in VARIANTS:
+        t0 = time.time()
+        adaln = variant != "baseline"
+        args = sample_lib.parse_args(["--ckpt", str(p["merged"]), "--config", str(p["data_config"]),
+                                      "--device", cfg.device, "--ref_mode", "adaln" if adaln else "none"]
+                                     + (["--adaln", str(p["adaln"])] if adaln else []))
+        device = sample_lib.resolve_device(args.device)
+        dtype = sample_lib.compute_dtype(device, cfg.dtype)
+        model, codec, text_encoder, connector, adaln_net, speaker = sample_lib.load_pipeline(args, device, dtype)
+        spk_cfg = cfg.sample_spk_cfg if variant == "adaln_guided" else 1.0
+        settings = dict(steps=cfg.sample_steps, cfg=cfg.sample_cfg, stg=0.0, spk_cfg=spk_cfg, rescale=0.0,
+                        batch_size=cfg.sample_batch)
+        with torch.random.fork_rng(devices=[]):
+            wavs = sample_lib.sample(model, codec, text_encoder, connector, [i[0] for i in items],
+                                     seeds=[i[2] for i in items], ref_wavs=[refs[i[1]] for i in items],
+                                     ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
+                                     device=device, dtype=dtype, **settings)
+        out_dir = p["samples"] / variant
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for k, ((prompt, spk, seed), wav) in enumerate(zip(items, wavs)):
+            path = out_dir / f"{k:04d}_{spk}_seed{seed}.wav"
+            sf.write(path, wav.T.numpy(), codec.output_rate)
+            meta = {"variant": variant, "prompt": prompt, "speaker": spk, "ref": refs[spk], "seed": seed,
+                    "ckpt": str(p["merged"]), "adaln": str(p["adaln"]) if adaln else None, **settings}
+            (out_dir / f"{path.stem}.json").write_text(json.dumps(meta, indent=1))
+        print(f"    {variant}: {len(wavs)} samples in {time.time() - t0:.1f} s -> {out_dir}", flush=True)
+
+
+def step_eval(cfg, p, yamls, overrides):
+    """Judge trained on the held-out `judge` split; accuracy and margin per variant; the HTML report."""
+    import judge as judge_lib
+
+    t0 = time.time()
+    wavs, speakers = judge_lib.load_split(p["judge_split"])
+    judge = judge_lib.train_judge(wavs, speakers, seed=cfg.seed)
+    judge_lib.save_judge(judge, p["judge"])
+    print(f"    judge: trained on {len(wavs)} real clips of {len(judge.speakers)} speakers in "
+          f"{time.time() - t0:.1f} s", flush=True)
+    results = {}
+    with judge_lib.one_thread():
+        val_wavs, val_speakers = judge_lib.load_split(p["val"])
+        results["real_val"] = judge_lib.judge_report(judge, val_wavs, val_speakers)  # the judge's own test
+        for variant in VARIANTS:
+            d = p["samples"] / variant
+            if not d.is_dir():
+                continue
+            clips, refs = [], []
+            for side in sorted(d.glob("*.json")):
+                meta = json.loads(side.read_text())
+                clips.append(read_wav(side.with_suffix(".wav")))
+                refs.append(meta["speaker"])
+            results[variant] = judge_lib.judge_report(judge, clips, refs)
+    report = {"chance": 1.0 / len(judge.speakers), "speakers": judge.speakers, "judge_clips": len(wavs),
+              **{k: {m: v[m] for m in ("n", "accuracy", "margin", "per_speaker")} for k, v in results.items()}}
+    p["judge_json"].write_text(json.dumps(report, indent=1))
+    dirs = [str(p["samples"] / v) for v in VARIANTS if (p["samples"] / v).is_dir()]
+    curves = [f"{stage}={p[f'{stage}_dir'] / 'metrics.jsonl'}" for stage in STAGE_OUTPUT
+              if (p[f"{stage}_dir"] / "metrics.jsonl").is_file()]
+    run_command(["eval.py", "--samples", *dirs, "--baseline", "baseline", "--judge", p["judge"],
+                 "--metrics", cfg.eval_metrics, "--out", p["report"], "--scores", p["scores"],
+                 "--title", f"speakerbox pipeline: {cfg.name}", *(["--metrics_jsonl", *curves] if curves else [])],
+                p["run"] / "logs" / "eval.log")
+
+
+def read_wav(path):
+    """A wav file as a mono float32 tensor at its own rate, resampled to the judge's 16 kHz."""
+    import soundfile as sf
+    import torch
+
+    import judge as judge_lib
+
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    return judge_lib._as_tensor(torch.from_numpy(data.T.copy()), rate)
+
+
+STEP_FUNCTIONS = {"corpus": step_corpus, "prepare": step_prepare, "base": train_stage("base", None),
+                  "lora": train_stage("lora", "base"), "merge": step_merge, "adaln": train_stage("adaln", "merged"),
+                  "sample": step_sample, "eval": step_eval}
+
+
+# -----------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize(cfg, p, times):
+    """The summary dict (also written to summary.json) and its printable table."""
+    judge = json.loads(p["judge_json"].read_text()) if p["judge_json"].is_file() else None
+    summary = {"name": cfg.name, "config": config_dict(cfg), "times_s": times,
+               "total_s": round(sum(times.values()), 1), "load": os.getloadavg(),
+               "artefacts": {k: str(p[k]) for k in ("corpus", "base", "lora", "merged", "adaln", "samples",
+                                                     "judge", "judge_json", "report") if p[k].exists()},
+               "judge": judge}
+    lines = ["", f"pipeline {cfg.name}: done in {summary['total_s']:.0f} s "
+             f"(load average {summary['load'][0]:.1f} on {os.cpu_count()} cores)",
+             f"  {'step':<8} {'wall s':>8}"]
+    lines += [f"  {k:<8} {v:>8.1f}" for k, v in times.items()]
+    if judge:
+        lines.append(f"  judge: {judge['judge_clips']} real clips, chance {judge['chance']:.3f}; "
+                     f"held-out real clips {judge['real_val']['accuracy']:.3f}")
+        lines.append(f"  {'variant':<13} {'accuracy':>9} {'x chance':>9} {'margin':>8}")
+        for v in VARIANTS:
+            if v in judge:
+                r = judge[v]
+                lines.append(f"  {v:<13} {r['accuracy']:>9.3f} {r['accuracy'] / judge['chance']:>9.1f} "
+                             f"{r['margin']:>8.3f}")
+    if p["report"].is_file():
+        lines.append(f"  report: {p['report']}")
+    lines.append(f"  summary: {p['summary']}")
+    return summary, "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    yamls, overrides = split_argv(argv)
+    cfg = load_config(argv)
+    check_config(cfg, yamls)
+    p = paths(cfg)
+    p["run"].mkdir(parents=True, exist_ok=True)
+    times = {}
+    t_start = time.time()
+    for k, step in enumerate(cfg.pipeline, 1):
+        print(f"[{k}/{len(cfg.pipeline)}] {step} (elapsed {time.time() - t_start:.0f} s)", flush=True)
+        t0 = time.time()
+        STEP_FUNCTIONS[step](cfg, p, yamls, overrides)
+        times[step] = round(time.time() - t0, 1)
+        print(f"[{k}/{len(cfg.pipeline)}] {step} done in {times[step]:.1f} s", flush=True)
+    summary, table = summarize(cfg, p, times)
+    p["summary"].write_text(json.dumps(summary, indent=1, default=str))
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

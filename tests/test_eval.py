@@ -1,0 +1,380 @@
+"""eval.py: statistics against scipy, WER, the PNG encoder, the LAIONBox protocol shape, sample
+generation into sidecars, and the rendered report (parsed: a player per sample, a row per metric,
+skipped metrics without numbers). CPU, tiny, a few seconds."""
+
+import argparse
+import binascii
+import json
+import math
+import re
+import struct
+import zlib
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from scipy import stats
+
+import eval as ev
+from model import PRESETS, AudioDiT
+
+# -----------------------------------------------------------------------------------------------
+# statistics and WER
+
+
+def test_t_quantiles_equal_scipy():
+    for df in range(1, 31):
+        assert ev.t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_mean_ci_and_delta_equal_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(3.5, 0.4, 12), rng.normal(3.2, 0.6, 9)
+    n, mean, ci = ev.mean_ci(a.tolist())
+    lo, hi = stats.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
+    assert n == 12 and mean == pytest.approx(a.mean()) and ci == pytest.approx((hi - lo) / 2, rel=1e-3)
+    d, dci = ev.delta_ci(a, b)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    lo, hi = res.confidence_interval(0.95)
+    assert d == pytest.approx(a.mean() - b.mean())
+    assert dci == pytest.approx((hi - lo) / 2, rel=0.05)  # floor(Welch df) vs scipy's fractional df
+    assert math.isnan(ev.mean_ci([1.0])[2])
+
+
+@pytest.mark.parametrize("ref,hyp,wer", [
+    ("The cat sat.", "the cat sat", 0.0),
+    ("the cat sat", "the cat sat on", 1 / 3),  # one insertion
+    ("the cat sat on the mat", "the bat sat on mat", 2 / 6),  # substitution + deletion
+    ("Don't stop!", "dont stop", 0.0),
+    ("hello world", "", 1.0),
+])
+def test_word_error_rate(ref, hyp, wer):
+    assert ev.word_error_rate(ref, hyp) == pytest.approx(wer)
+
+
+# -----------------------------------------------------------------------------------------------
+# images
+
+
+def _decode_png(data):
+    """Minimal PNG reader (8-bit RGB, filter 0) written from the spec, to check the encoder."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == binascii.crc32(kind + body) & 0xFFFFFFFF
+        chunks.setdefault(kind, b"")
+        chunks[kind] += body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and color == 2 and b"IEND" in chunks
+    raw = zlib.decompress(chunks[b"IDAT"])
+    rows = [raw[y * (3 * w + 1):(y + 1) * (3 * w + 1)] for y in range(h)]
+    assert all(r[0] == 0 for r in rows)
+    return np.frombuffer(b"".join(r[1:] for r in rows), dtype=np.uint8).reshape(h, w, 3)
+
+
+def test_png_encoder_roundtrip():
+    img = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    assert np.array_equal(_decode_png(ev.png_bytes(img)), img)
+
+
+def test_spectrogram_shows_the_tone():
+    t = torch.arange(16000) / 16000
+    png = _decode_png(ev.spectrogram_png(torch.sin(2 * math.pi * 2000 * t), height=64, max_width=40))
+    assert png.shape == (64, 40, 3)
+    brightness = png.astype(float).sum(axis=(1, 2))
+    assert abs(int(brightness.argmax()) - (64 - 1 - 2000 / 8000 * 64)) <= 2  # 2 kHz row, low at the bottom
+
+
+def test_loss_curves_svg():
+    records = [{"step": s, "loss": 1 / (s + 1)} for s in range(10)] + [{"step": 9, "val_loss": 0.3}]
+    svg = ev.loss_curves_svg(records)
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "val_loss" in svg
+
+
+# -----------------------------------------------------------------------------------------------
+# the report
+
+
+def _voice(seconds, f0, seed, sr=16000):
+    """A voiced, syllable-modulated harmonic signal (a stand-in for speech)."""
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(seed)
+    wav = sum(np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6)) / k for k in range(1, 12))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t)) ** 2
+    return (0.1 * wav * envelope).astype(np.float32)
+
+
+def _write_sample(path, wav, sr, **meta):
+    sf.write(path, wav, sr)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+@pytest.fixture()
+def sample_dirs(tmp_path):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    sf.write(refs / "alice.wav", _voice(3, 180, 0), 16000)
+    dirs = []
+    for variant, f0 in (("base", 120), ("adaln", 170)):
+        d = tmp_path / variant / "samples"
+        d.mkdir(parents=True)
+        for seed in (1, 2):
+            # 2.4 s: DNSMOS repeats it to 9.6 s, one 9.01 s window (fast)
+            _write_sample(d / f"000_seed{seed}.wav", np.stack([_voice(2.4, f0, seed)] * 2, 1), 48000,
+                          prompt="A woman says 'hello there my friend, how are you?'", seed=seed,
+                          ref=str(refs / "alice.wav"), speaker="alice")
+        dirs.append(str(d))
+    return dirs
+
+
+class ReportParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.players, self.metric_rows, self.images, self.svgs = [], {}, 0, 0
+        self._row, self._text = None, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "audio" and "data-sample" in a:
+            assert a["src"].startswith("data:audio/wav;base64,")
+            self.players.append(a["data-sample"])
+        if tag == "img":
+            assert a["src"].startswith("data:image/png;base64,")
+            self.images += 1
+        if tag == "svg":
+            self.svgs += 1
+        if tag == "tr" and "data-metric" in a:
+            self._row, self._text = a["data-metric"], []
+
+    def handle_data(self, data):
+        if self._row is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row is not None:
+            self.metric_rows.setdefault(self._row, []).append("".join(self._text))
+            self._row = None
+
+
+def _args(**kw):
+    base = dict(wavlm="", whisper="", utmos="", aesthetics="", judge="")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_report_renders_every_sample_and_metric(sample_dirs, tmp_path):
+    samples = ev.load_samples(sample_dirs)
+    assert {s["variant"] for s in samples} == {"base", "adaln"} and len(samples) == 4
+    groups = [g for g in ev.METRIC_GROUPS if g != "dnsmos"]  # DNSMOS (slow on CPU): its own test below
+    table, skipped = ev.score_samples(samples, _args(utmos=str(tmp_path / "nope.pt")), groups=groups)
+    assert "no weights given (--wavlm PATH)" in skipped["spk_sim"]
+    assert "weights not found" in skipped["utmos"]
+    for m in ("spk_sim", "wer", "utmos", "aes_pq", "judge_acc"):
+        assert m in skipped and m not in table  # absent weights: a reason, never a number
+    assert skipped["dnsmos_ovr"] == "not requested (--metrics)"
+    with pytest.raises(ValueError, match="--metrics"):
+        ev.score_samples(samples, _args(), groups=["mos"])
+    # the judge hook: per-sample numbers from elsewhere render like any metric
+    ev.add_metric_rows(table, "judge_margin", {s["id"]: 0.1 * i for i, s in enumerate(samples)})
+    skipped.pop("judge_margin")
+    ev.add_metric_rows(table, "custom", {samples[0]["id"]: float("nan"), samples[1]["id"]: 2.0}, "a custom score")
+    assert table["custom"] == {samples[1]["id"]: 2.0}
+
+    curves = {"adaln": [{"step": i, "loss": 1.0 / (i + 1)} for i in range(5)]}
+    page = ev.render_html(samples, table, skipped, baseline="base", curves=curves)
+    p = ReportParser()
+    p.feed(page)
+    assert sorted(p.players) == sorted(s["id"] for s in samples)  # a player for every sample
+    assert p.images == len(samples) and p.svgs == 1
+    for m in list(table) + list(skipped):
+        assert m in p.metric_rows, f"no row for metric {m}"
+    for m, reason in skipped.items():
+        (text,) = p.metric_rows[m]
+        desc = ev.METRIC_INFO.get(m, ("",))[0]
+        assert text == f"{m}{desc}skipped: {reason}"  # the reason and nothing else: no number
+    summary_row, delta_row = p.metric_rows["judge_margin"]
+    base_vals = [table["judge_margin"][s["id"]] for s in samples if s["variant"] == "base"]
+    assert f"{np.mean(base_vals):.3f}" in summary_row and "n=2" in summary_row
+    assert "+" in delta_row or "-" in delta_row or "−" in delta_row
+    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page)  # self-contained: nothing to fetch
+
+
+def test_report_main_writes_one_file(sample_dirs, tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps({"step": i, "loss": 2.0 - i / 10}) for i in range(6)))
+    out = tmp_path / "report.html"
+    ev.main(["--samples", *sample_dirs, "--baseline", "base", "--out", str(out), "--metrics_jsonl", str(log),
+             "--scores", str(tmp_path / "scores.json"), "--metrics", "spk_sim,judge"])  # DNSMOS: the test above
+    page = out.read_text()
+    assert page.count("<audio controls data-sample=") == 4 and "<polyline" in page
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert "spk_sim" in scores["skipped"]
+
+
+def _tiny_whisper(path):
+    """A randomly initialised 1-layer Whisper with a byte-level vocabulary, saved like a real one."""
+    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizer)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path.mkdir()
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab.update({s: len(vocab) + i for i, s in enumerate(specials)})
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    eot = specials[0]
+    tok = WhisperTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token=eot, bos_token=eot,
+                           eos_token=eot, pad_token=eot)
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tok).save_pretrained(path)
+    ids = tok.convert_tokens_to_ids(specials)
+    cfg = WhisperConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_target_positions=32,
+                        pad_token_id=ids[0], bos_token_id=ids[0], eos_token_id=ids[0], decoder_start_token_id=ids[1])
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(cfg).save_pretrained(path)
+
+
+def test_wer_with_a_local_whisper(sample_dirs, tmp_path):
+    _tiny_whisper(tmp_path / "whisper")
+    samples = ev.load_samples(sample_dirs[:1])
+    table, skipped = ev.score_samples(samples, _args(whisper=str(tmp_path / "whisper")), groups=["wer"])
+    assert skipped["dnsmos_ovr"] == "not requested (--metrics)"
+    assert "wer" not in skipped and set(table["wer"]) == {s["id"] for s in samples}
+    assert all(v >= 0 and math.isfinite(v) for v in table["wer"].values())
+
+
+def test_spk_sim_with_a_local_wavlm(sample_dirs, tmp_path):
+    """spk_sim through speaker.py's WavLM-SV loader on a tiny random WavLMForXVector saved locally:
+    a sample that IS its reference scores cosine 1, the others less."""
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    cfg = WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8), num_feat_extract_layers=2,
+                      tdnn_dim=(8, 8), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8,
+                      num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, num_buckets=8)
+    torch.manual_seed(0)
+    WavLMForXVector(cfg).save_pretrained(tmp_path / "wavlm")
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(tmp_path / "wavlm")
+    samples = ev.load_samples(sample_dirs)
+    twin = samples[0]
+    sf.write(twin["path"], sf.read(twin["meta"]["ref"])[0], 16000)  # this sample is its own reference
+    table, skipped = ev.score_samples(samples, _args(wavlm=str(tmp_path / "wavlm")), groups=["spk_sim"])
+    sims = table["spk_sim"]
+    assert "spk_sim" not in skipped and set(sims) == {s["id"] for s in samples}
+    assert sims[twin["id"]] == pytest.approx(1.0, abs=1e-5)
+    assert all(-1 <= v < 0.9999 for k, v in sims.items() if k != twin["id"])
+
+
+def test_judge_rows_average_to_judge_report(sample_dirs, tmp_path):
+    """judge_acc / judge_margin per sample, whose means per variant equal judge.py's own report."""
+    import judge as judge_lib
+
+    clips = [torch.from_numpy(_voice(2, f0, seed)) for f0 in (180, 100) for seed in range(4)]
+    judge = judge_lib.train_judge(clips, ["alice"] * 4 + ["bob"] * 4, steps=50)
+    judge_lib.save_judge(judge, tmp_path / "judge.pt")
+    samples = ev.load_samples(sample_dirs)
+    table, skipped = ev.score_samples(samples, _args(judge=str(tmp_path / "judge.pt")), groups=["judge"])
+    assert set(table["judge_acc"]) == {s["id"] for s in samples} and set(table["judge_acc"].values()) <= {0.0, 1.0}
+    for variant in ("base", "adaln"):
+        mine = [s for s in samples if s["variant"] == variant]
+        want = judge_lib.judge_report(judge_lib.load_judge(tmp_path / "judge.pt"),
+                                      [ev.read_mono16k(s["path"]) for s in mine], ["alice"] * len(mine))
+        assert np.mean([table["judge_acc"][s["id"]] for s in mine]) == pytest.approx(want["accuracy"])
+        assert np.mean([table["judge_margin"][s["id"]] for s in mine]) == pytest.approx(want["margin"], abs=1e-6)
+
+
+def test_dnsmos_clean_speech_above_noisy(tmp_path):
+    """eval.py's DNSMOS rows: real (eSpeak) speech scores higher than the same speech + noise."""
+    from pathlib import Path
+
+    speech, rate = sf.read(Path(__file__).parent / "data" / "speech_16k.wav", dtype="float32")
+    noisy = speech + 0.1 * np.random.default_rng(0).standard_normal(len(speech)).astype(np.float32)
+    for name, wav in (("clean", speech), ("noisy", noisy)):
+        _write_sample(tmp_path / f"{name}.wav", wav, rate, prompt="x", seed=0)
+    samples = ev.load_samples([str(tmp_path)])
+    table, skipped = ev.score_samples(samples, _args(), groups=["dnsmos"])  # no weights to fetch: always runs
+    clean, noisy = (f"{tmp_path.name}/{n}" for n in ("clean", "noisy"))
+    for k in ("dnsmos_bak", "dnsmos_ovr"):
+        assert table[k][clean] > table[k][noisy] + 0.3, table
+    assert 1.0 < table["dnsmos_ovr"][clean] < 5.0 and not any(k.startswith("dnsmos") for k in skipped)
+
+
+# -----------------------------------------------------------------------------------------------
+# the LAIONBox protocol
+
+
+def _eval_yaml(tmp_path, n_prompts=6, n_speakers=5):
+    refs = []
+    for i in range(n_speakers):
+        path = tmp_path / f"spk{i}.wav"
+        sf.write(path, _voice(2, 100 + 20 * i, i), 16000)
+        refs.append(path.name)
+    lines = ["prompts:"] + [f"  - \"Speaker {i}: 'line number {i} is spoken here.'\"" for i in range(n_prompts)]
+    lines += ["speakers:"] + [f"  s{i}: {r}" for i, r in enumerate(refs)] + ["seeds: [42, 123]", "unconditioned: true"]
+    path = tmp_path / "laionbox.yaml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_laionbox_protocol_shape(tmp_path):
+    spec = ev.read_eval_set(_eval_yaml(tmp_path))
+    items = ev.laionbox_items(spec)
+    cond = [it for it in items if it["ref"]]
+    assert len(cond) == 6 * 5 * 2 and len(items) - len(cond) == 6 * 2  # 60 + 12 unconditioned
+    assert len({(it["prompt"], it["speaker"], it["seed"]) for it in items}) == len(items)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts: [a]\nseeds: [1]\nspeakers: {x: missing.wav}\n")
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        ev.read_eval_set(bad)
+    bad.write_text("prompts: [a]\nseeds: [1]\nspeaker: {}\n")
+    with pytest.raises(KeyError, match="speaker"):
+        ev.read_eval_set(bad)
+
+
+class FakeCodec(torch.nn.Module):
+    """Test double for codec.py: 640 samples @ 16 kHz per latent, mono."""
+
+    sample_rate = output_rate = 16000
+    channels = 1
+
+    def encode(self, wav):
+        B, C, N = wav.shape
+        return wav[..., : N // 640 * 640].reshape(B, C, -1, 640)[..., :16].mean(1)
+
+    def decode(self, lat):
+        return lat.repeat_interleave(40, dim=-1).flatten(1).tanh()[:, None]
+
+
+class FakeText:
+    """Test double for text.py: prompt bytes as features."""
+
+    def encode(self, prompts):
+        feats = torch.zeros(len(prompts), 4, 32)
+        for i, p in enumerate(prompts):
+            feats[i, :, : min(32, len(p))] = torch.tensor(list(p.encode()[:32]), dtype=torch.float32)[None] / 255
+        return feats, torch.ones(len(prompts), 4, dtype=torch.bool)
+
+
+def test_generate_eval_set_writes_sidecars(tmp_path):
+    torch.manual_seed(0)
+    model = AudioDiT(PRESETS["micro"]).eval()
+    spec = ev.read_eval_set(_eval_yaml(tmp_path, n_prompts=2, n_speakers=2))
+    spec["seeds"] = [7]
+    pipeline = (model, FakeCodec(), FakeText(), lambda f, m: f, None, None)
+    kwargs = dict(steps=1, cfg=2.0, stg=0.0, rescale=0.0, duration=0.2, ref_mode="tokens", progress=False)
+    paths = ev.generate_eval_set(ev.laionbox_items(spec), pipeline, str(tmp_path / "out" / "v1"), variant="v1",
+                                 settings={"ckpt": "x"}, sample_kwargs=kwargs)
+    assert len(paths) == 2 * 2 + 2
+    samples = ev.load_samples([str(tmp_path / "out")])
+    assert len(samples) == 6 and {s["variant"] for s in samples} == {"v1"}
+    metas = [s["meta"] for s in samples]
+    assert sum(m["ref"] is None for m in metas) == 2 and all(m["ref_mode"] == "none" for m in metas if not m["ref"])
+    assert all(m["ckpt"] == "x" and m["spoken_text"] for m in metas)
