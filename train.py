@@ -457,12 +457,11 @@ def main(argv=None):
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = sampler.next_batch()  # the global batch: rank r takes micro-batches r·accum …
+        indices = sampler.next_batch()  # the same global batch on every rank
         logs_all, n_tokens = [], 0
-        for m in range(grad_accum):
-            g = rank * grad_accum + m  # global micro-batch index
-            batch = data.collate(train_set, indices[g * cfg.micro_batch : (g + 1) * cfg.micro_batch], cfg,
-                                 epoch=sampler.epoch, step=step)
+        for m, micro in enumerate(data.micro_batches(indices, cfg.micro_batch, rank, world)):
+            g = rank * grad_accum + m  # global micro-batch index: seeds this micro-batch's σ and noise
+            batch = data.collate(train_set, micro, cfg, epoch=sampler.epoch, step=step)
             batch = data.to_device(batch, device)
             loss, logs = micro_loss(cfg, parts, batch, micro_generator(cfg, step, g), autocast, aux)
             (loss / grad_accum).backward()
