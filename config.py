@@ -108,12 +108,14 @@ class Config:
     corpus_speakers: int = 8
     corpus_utts: int = 40  # utterances per speaker, split train / val / judge by corpus.py
     corpus_seed: int = 0  # the corpus stays the same across training seeds
+    corpus_val_frac: float = 0.15  # val clips: the sampling prompts and references (prompts x speakers samples)
     sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
     sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
+    cpu_threads: int = 0  # torch threads of every step (OMP_NUM_THREADS); 0 = torch's default
 
 
 def _type_error(key, value, want, where):

@@ -43,6 +43,7 @@ STEPS = ("corpus", "prepare", "base", "lora", "merge", "adaln", "sample", "eval"
 STAGE_OUTPUT = {"base": "dit.safetensors", "lora": "lora.safetensors", "adaln": "adaln.pt"}
 VARIANTS = ("baseline", "adaln", "adaln_guided")
 HERE = Path(__file__).resolve().parent
+REPORT_PLAYER_RATE = 8000  # the report embeds every sample and its reference: 8 kHz halves its size
 
 
 def split_argv(argv):
@@ -86,15 +87,18 @@ def check_config(cfg, yamls):
 CONFIG_LINE = re.compile(r'^[a-z][a-z_0-9]*: (".*"|-?[0-9.e+-]+|true|false|null|\[.*\]|\{.*\})$')
 
 
+THREAD_ENV = {}  # OMP_NUM_THREADS for the step processes, set by main() from `cpu_threads`
+
+
 def run_command(args, log_path):
     """Run `args` (a list) with this Python; its output is shown (progress bars on stderr as they
     are, the resolved-config dump left out) and kept whole in `log_path`. Raises on failure."""
-    cmd = [sys.executable, *map(str, args)]
-    print("  $ " + " ".join(cmd[1:]), flush=True)
+    cmd = [sys.executable, str(HERE / args[0]), *map(str, args[1:])]
+    print("  $ python " + " ".join(map(str, args)), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **THREAD_ENV})
 
         def pump_stderr():  # chunks, not lines: tqdm redraws its bar with \r
             while chunk := proc.stderr.read(1):
@@ -112,7 +116,7 @@ def run_command(args, log_path):
         proc.wait()
     if proc.returncode != 0:
         tail = "".join(open(log_path).readlines()[-25:])
-        raise RuntimeError(f"step failed (exit {proc.returncode}): {' '.join(cmd[1:])}\n"
+        raise RuntimeError(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n"
                            f"last lines of {log_path}:\n{tail}")
 
 
@@ -122,7 +126,7 @@ def run_command(args, log_path):
 
 def step_corpus(cfg, p, yamls, overrides):
     run_command(["corpus.py", "--out", p["corpus"], "--speakers", cfg.corpus_speakers,
-                 "--utts_per_speaker", cfg.corpus_utts, "--seed", cfg.corpus_seed], p["run"] / "logs" / "corpus.log")
+                 "--utts_per_speaker", cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac], p["run"] / "logs" / "corpus.log")
 
 
 def step_prepare(cfg, p, yamls, overrides):
@@ -159,7 +163,6 @@ def reference_clips(manifest):
 def step_sample(cfg, p, yamls, overrides):
     """Every validation prompt x one held-out reference per speaker, for each of VARIANTS."""
     import soundfile as sf
-    import torch
 
     import sample as sample_lib
 
@@ -179,11 +182,10 @@ def step_sample(cfg, p, yamls, overrides):
         spk_cfg = cfg.sample_spk_cfg if variant == "adaln_guided" else 1.0
         settings = dict(steps=cfg.sample_steps, cfg=cfg.sample_cfg, stg=0.0, spk_cfg=spk_cfg, rescale=0.0,
                         batch_size=cfg.sample_batch)
-        with torch.random.fork_rng(devices=[]):
-            wavs = sample_lib.sample(model, codec, text_encoder, connector, [i[0] for i in items],
-                                     seeds=[i[2] for i in items], ref_wavs=[refs[i[1]] for i in items],
-                                     ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
-                                     device=device, dtype=dtype, **settings)
+        wavs = sample_lib.sample(model, codec, text_encoder, connector, [i[0] for i in items],
+                                 seeds=[i[2] for i in items], ref_wavs=[refs[i[1]] for i in items],
+                                 ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
+                                 device=device, dtype=dtype, **settings)
         out_dir = p["samples"] / variant
         out_dir.mkdir(parents=True, exist_ok=True)
         for k, ((prompt, spk, seed), wav) in enumerate(zip(items, wavs)):
@@ -226,7 +228,7 @@ def step_eval(cfg, p, yamls, overrides):
     curves = [f"{stage}={p[f'{stage}_dir'] / 'metrics.jsonl'}" for stage in STAGE_OUTPUT
               if (p[f"{stage}_dir"] / "metrics.jsonl").is_file()]
     run_command(["eval.py", "--samples", *dirs, "--baseline", "baseline", "--judge", p["judge"],
-                 "--metrics", cfg.eval_metrics, "--out", p["report"], "--scores", p["scores"],
+                 "--metrics", cfg.eval_metrics, "--player_rate", REPORT_PLAYER_RATE, "--out", p["report"], "--scores", p["scores"],
                  "--title", f"speakerbox pipeline: {cfg.name}", *(["--metrics_jsonl", *curves] if curves else [])],
                 p["run"] / "logs" / "eval.log")
 
@@ -285,6 +287,13 @@ def main(argv=None):
     check_config(cfg, yamls)
     p = paths(cfg)
     p["run"].mkdir(parents=True, exist_ok=True)
+    if cfg.cpu_threads:
+        # On shared cores one thread per process is several times faster than two: a thread
+        # that is descheduled stalls every parallel op of the other at its barrier.
+        THREAD_ENV.update(OMP_NUM_THREADS=str(cfg.cpu_threads), MKL_NUM_THREADS=str(cfg.cpu_threads))
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
     times = {}
     t_start = time.time()
     for k, step in enumerate(cfg.pipeline, 1):
