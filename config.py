@@ -151,9 +151,11 @@ def _coerce(key, value, typ, where):
     origin = typing.get_origin(typ) or typ
     if origin in (list, tuple, dict):
         if isinstance(value, str):  # from the CLI: YAML syntax, or a bare comma list
-            parsed = yaml.safe_load(value) if value.strip()[:1] in "[{" else [
-                v.strip() for v in value.split(",") if v.strip()]
-            value = parsed
+            text = value.strip()
+            if text[:1] in ("[", "{"):
+                value = yaml.safe_load(text)
+            else:  # "" is the empty list (or mapping)
+                value = {} if origin is dict and not text else [v.strip() for v in text.split(",") if v.strip()]
         if origin is dict:
             if not isinstance(value, dict):
                 raise _type_error(key, value, "a mapping", where)

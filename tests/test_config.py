@@ -20,6 +20,8 @@ def test_defaults_and_precedence(tmp_path):
 def test_cli_list_forms():
     assert load_config(["--lora_targets=audio,audio_v2a"]).lora_targets == ["audio", "audio_v2a"]
     assert load_config(["--lora_targets=[attn_all]"]).lora_targets == ["attn_all"]
+    assert load_config(["--lora_targets="]).lora_targets == []
+    assert load_config(["--sources="]).sources == {}
 
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
