@@ -100,6 +100,8 @@ class Config:
     aux_sigma_max: float = 0.4
     aux_max_seconds: float = 10.0
     aux_clips: int = 1  # clips decoded per micro-batch for the auxiliary losses
+    val_spk_sigma: float = 0.3  # σ of the one-step x0̂ whose speaker similarity validation reports
+    best_by: str = "val_loss"  # val_loss | val_spk_sim (stage 2 with auxiliary models): picks *_best
 
     # --- pipeline (pipeline.py): a config with `pipeline:` runs these steps in order --------
     pipeline: list[str] = field(default_factory=list)  # corpus prepare base lora merge adaln sample eval

@@ -3,17 +3,24 @@
 Module and parameter names follow the official checkpoint (after stripping `model.diffusion_model.`),
 so an official state dict loads with `strict=True` after the audio-only filter. Facts (shapes,
 formulas, row order of the modulation) are in SPEC §2; the reference is ltx-core 1.0.0
-(`ltx_core/model/transformer/`), against which tests/test_model.py checks this file.
+(`ltx_core/model/transformer/`), against which tests/test_model.py (audio-only) and
+tests/test_av_model.py (audio-video) check this file.
 
     model = load_dit("ltx-2.3-22b-dev.safetensors", device="cuda", dtype=torch.bfloat16)
     v = model(x_t, sigma, context)                      # (B, T, 128) velocity
+
+The audio-video mode (`DiTConfig.video`, `load_dit(..., av=True)`) adds the video stream and the
+cross-modal attentions (SPEC §2 last paragraphs); its blocks reuse the audio block's code:
+
+    av = load_dit("ltx-2.3-22b-dev.safetensors", av=True)
+    v_video, v_audio = av.forward_av(xv_t, xa_t, sigma_v, sigma_a, ctx_v, ctx_a, video_positions=pos)
 """
 
 import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -85,10 +92,14 @@ def split_rope(positions, max_pos, inner_dim, heads, theta=1e4, dtype=torch.floa
     return cos.view(B, T, heads, -1).to(dtype), sin.view(B, T, heads, -1).to(dtype)
 
 
-def apply_rope(x, cos, sin, heads):
-    """Rotate x (B, T, heads*head_dim): each head's halves a, b -> (a cos - b sin, b cos + a sin)."""
+def apply_rope(x, cos, sin, heads=None):
+    """Rotate x (B, T, heads*head_dim): each head's halves a, b -> (a cos - b sin, b cos + a sin).
+
+    The channel groups are those of the table (cos.shape[2] heads): the cross-modal rope of the video
+    stream groups the audio-width q by the video's head count, as the reference does.
+    """
     B, T, _ = x.shape
-    a, b = x.view(B, T, heads, 2, -1).unbind(-2)  # (B, T, H, head_dim/2) each
+    a, b = x.view(B, T, cos.shape[2], 2, -1).unbind(-2)  # (B, T, H, head_dim/2) each
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).view(B, T, -1)
 
 
@@ -111,10 +122,11 @@ class Attention(nn.Module):
         self.to_gate_logits = nn.Linear(query_dim, heads) if gated else None
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim))  # key `to_out.0`, as the checkpoint
 
-    def forward(self, x, context=None, rope=None, mask=None, skip_attention=False):
+    def forward(self, x, context=None, rope=None, mask=None, skip_attention=False, k_rope=None):
         """x (B, Tq, query_dim), context (B, Tk, context_dim) or None for self-attention.
 
-        rope: (cos, sin) from `split_rope`, applied to q and k. mask: bool (True = attend) or
+        rope: (cos, sin) from `split_rope`, applied to q, and to k unless k_rope is given (the
+        cross-modal attentions rotate keys with the other stream's positions). mask: bool (True = attend) or
         additive float, broadcastable to (B, heads, Tq, Tk). skip_attention (STG): True, or a (B,)
         bool tensor selecting samples, replaces the attention output by `to_v(context)`; the gate
         and `to_out` still apply.
@@ -129,7 +141,7 @@ class Attention(nn.Module):
             q = self.q_norm(self.to_q(x))
             k = self.k_norm(self.to_k(context))
             if rope is not None:
-                q, k = apply_rope(q, *rope, H), apply_rope(k, *rope, H)
+                q, k = apply_rope(q, *rope), apply_rope(k, *(rope if k_rope is None else k_rope))
             q, k, vh = (t.view(B, -1, H, Dh).transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, vh, attn_mask=mask)  # (B, H, Tq, Dh)
             out = out.transpose(1, 2).reshape(B, Tq, H * Dh)
@@ -186,10 +198,27 @@ class DiTConfig:
     timestep_scale: float = 1000.0  # the model sees sigma * 1000
     stg_block: int = 28  # block whose self-attention the reference skips for STG guidance
     grad_checkpointing: bool = False
+    # --- audio-video mode (SPEC §2 last paragraphs, §7): the video stream and the cross-modal attentions
+    video: bool = False  # off: the audio-only model, no video module is built
+    video_heads: int = 32
+    video_head_dim: int = 128
+    video_in_channels: int = 128  # video latent features per token (128 VAE channels, patch 1)
+    video_cross_attention_dim: int = 4096  # width of the video text context seen by attn2
+    video_rope_max_pos: tuple = (20.0, 2048.0, 2048.0)  # (seconds, pixels, pixels): positional_embedding_max_pos
+    av_ca_timestep_scale: float = 1000.0  # av_ca_timestep_scale_multiplier: input scale of the a2v/v2a gate AdaLN
 
     @property
     def dim(self):
         return self.heads * self.head_dim
+
+    @property
+    def video_dim(self):
+        return self.video_heads * self.video_head_dim
+
+    @property
+    def cross_rope_max_pos(self):
+        """max_pos of the cross-modal rope (time only): the larger of the two streams' time max_pos."""
+        return max(float(self.video_rope_max_pos[0]), float(self.rope_max_pos))
 
     @property
     def ada_rows(self):
@@ -205,6 +234,15 @@ PRESETS = {
     # CPU-sized 2.3-style models for experiments and tests
     "tiny": DiTConfig(num_layers=6, heads=4, head_dim=64, cross_attention_dim=256, stg_block=3),
     "micro": DiTConfig(num_layers=2, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1),
+    # LTX-2.3 22B audio-video transformer: 18,988,838,144 params (shared/ltx23/README.md)
+    "ltx23_av": DiTConfig(video=True),
+    # CPU-sized audio-video models: the audio stream of `tiny` / `micro` (same text connector) plus a
+    # video stream twice as wide; the text widths equal the stream widths, as the reference requires
+    "tiny_av": DiTConfig(num_layers=4, heads=4, head_dim=64, cross_attention_dim=256, stg_block=2, video=True,
+                         video_heads=4, video_head_dim=128, video_cross_attention_dim=512),
+    "micro_av": DiTConfig(num_layers=2, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1,
+                          video=True, video_heads=2, video_head_dim=32, video_in_channels=24,
+                          video_cross_attention_dim=64),
 }
 
 
@@ -219,6 +257,27 @@ def audio_positions(T, B=1, offset_s=0.0, device=None):
     edges = (i * 4 + 1 - 4).clip(min=0) * 160 / 16000  # start of latent i = end of latent i-1
     mid = (edges[:-1] + offset_s + edges[1:] + offset_s) / 2
     return mid.expand(B, T)
+
+
+_default_audio_positions = audio_positions  # forward_av's argument of that name shadows the function
+
+
+def video_positions(frames, height, width, B=1, fps=24.0, scale=(8, 32, 32), device=None):
+    """RoPE positions (B, frames*height*width, 3) of a video latent grid, tokens in (f, h, w) order.
+
+    Each latent covers pixel spans [i*s, (i+1)*s) per axis (VAE factors `scale`); the causal VAE
+    encodes the first frame alone, so time spans are shifted by 1 - s_t and clipped at 0, then
+    divided by fps (seconds). The position is the span's midpoint (as ltx-core's patchifier with
+    `use_middle_indices_grid`).
+    """
+    axes = []
+    for n, s, is_time in ((frames, scale[0], True), (height, scale[1], False), (width, scale[2], False)):
+        edges = torch.arange(n + 1, dtype=torch.float32, device=device) * s
+        if is_time:
+            edges = ((edges + 1 - s).clip(min=0)) / fps
+        axes.append((edges[:-1] + edges[1:]) / 2)
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).view(-1, 3)  # (F*H*W, 3)
+    return grid.expand(B, -1, 3)
 
 
 def timestep_sinusoid(t, dim=256):
@@ -266,6 +325,59 @@ class CaptionProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+def _modulation(table, temb):
+    """Rows of `table` (rows, D) + temb (B, Tt, rows*D) -> `rows` tensors of (B, Tt, D)."""
+    B, Tt, _ = temb.shape
+    rows, D = table.shape
+    return (temb.view(B, Tt, rows, D) + table.to(temb.dtype)).unbind(2)
+
+
+def _attend(x, attn1, attn2, ada, prompt_table, context, prompt_temb, rope, attn_mask, context_mask, skip, eps):
+    """Self-attention then text cross-attention of one stream, AdaLN-modulated by the rows `ada`.
+
+    Shared by the audio stream (`audio_attn1/2`, `audio_prompt_scale_shift_table`) and the video
+    stream (`attn1/2`, `prompt_scale_shift_table`); arguments as in `AudioBlock.forward`.
+    """
+    shift_msa, scale_msa, gate_msa, _, _, _, *q_rows = ada
+    # addcmul: one fused kernel (and one saved tensor) for each `a + b * c` of the math
+    h = torch.addcmul(shift_msa, rms_norm(x, eps), 1 + scale_msa)
+    x = torch.addcmul(x, attn1(h, rope=rope, mask=attn_mask, skip_attention=skip), gate_msa)
+    if q_rows:  # 2.3: AdaLN on the query (per token) and on the text keys/values (per sample)
+        shift_q, scale_q, gate_q = q_rows
+        shift_kv, scale_kv = (prompt_temb.unflatten(-1, (2, -1)) + prompt_table.to(prompt_temb.dtype)).unbind(2)
+        h = torch.addcmul(shift_q, rms_norm(x, eps), 1 + scale_q)
+        kv = torch.addcmul(shift_kv, context, 1 + scale_kv)
+        return torch.addcmul(x, attn2(h, kv, mask=context_mask), gate_q)
+    return x + attn2(rms_norm(x, eps), context, mask=context_mask)
+
+
+def _feed_forward(x, ff, ada, eps):
+    """The modulated feed-forward of one stream (rows 3..5 of `ada`)."""
+    shift_mlp, scale_mlp, gate_mlp = ada[3:6]
+    return torch.addcmul(x, ff(torch.addcmul(shift_mlp, rms_norm(x, eps), 1 + scale_mlp)), gate_mlp)
+
+
+@dataclass
+class StreamInputs:
+    """What every AV block reads of one stream, prepared once per forward by `AudioDiT.forward_av`.
+
+    Fields as the arguments of `AudioBlock.forward` (skip: this block's STG switch, replaced per
+    block), plus cross_temb (B, 1, 4D) and cross_gate (B, 1, D), both embedded from the OTHER
+    stream's sigma, and cross_rope (cos, sin) of this stream's time axis at the audio width.
+    """
+
+    context: torch.Tensor
+    temb: torch.Tensor
+    prompt_temb: torch.Tensor | None
+    rope: tuple
+    attn_mask: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
+    skip: object = False
+    cross_temb: torch.Tensor | None = None
+    cross_gate: torch.Tensor | None = None
+    cross_rope: tuple | None = None
+
+
 class AudioBlock(nn.Module):
     """One audio transformer block: self-attention, text cross-attention, feed-forward, AdaLN-modulated."""
 
@@ -282,31 +394,70 @@ class AudioBlock(nn.Module):
 
     def forward(self, x, context, temb, prompt_temb, rope, attn_mask, context_mask, skip_attention):
         """x (B, T, D); temb (B, Tt, rows*D) with Tt 1 or T (delta already added); prompt_temb (B, 1, 2D)."""
-        B, Tt, _ = temb.shape
-        rows, D = self.audio_scale_shift_table.shape
-        ada = temb.view(B, Tt, rows, D) + self.audio_scale_shift_table.to(temb.dtype)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *q_rows = ada.unbind(2)
+        ada = _modulation(self.audio_scale_shift_table, temb)
+        x = _attend(x, self.audio_attn1, self.audio_attn2, ada, getattr(self, "audio_prompt_scale_shift_table", None),
+                    context, prompt_temb, rope, attn_mask, context_mask, skip_attention, self.eps)
+        return _feed_forward(x, self.audio_ff, ada, self.eps)
 
-        # addcmul: one fused kernel (and one saved tensor) for each `a + b * c` of the math
-        h = torch.addcmul(shift_msa, rms_norm(x, self.eps), 1 + scale_msa)
-        x = torch.addcmul(x, self.audio_attn1(h, rope=rope, mask=attn_mask, skip_attention=skip_attention), gate_msa)
 
-        if q_rows:  # 2.3: AdaLN on the query (per token) and on the text keys/values (per sample)
-            shift_q, scale_q, gate_q = q_rows
-            table = self.audio_prompt_scale_shift_table.to(prompt_temb.dtype)
-            shift_kv, scale_kv = (prompt_temb.view(B, -1, 2, D) + table).unbind(2)
-            h = torch.addcmul(shift_q, rms_norm(x, self.eps), 1 + scale_q)
-            kv = torch.addcmul(shift_kv, context, 1 + scale_kv)
-            x = torch.addcmul(x, self.audio_attn2(h, kv, mask=context_mask), gate_q)
-        else:
-            x = x + self.audio_attn2(rms_norm(x, self.eps), context, mask=context_mask)
+class AVBlock(AudioBlock):
+    """An audio block plus the video stream (same layout, width Dv) and the two cross-modal attentions.
 
-        h = torch.addcmul(shift_mlp, rms_norm(x, self.eps), 1 + scale_mlp)
-        return torch.addcmul(x, self.audio_ff(h), gate_mlp)
+    Order (SPEC §2, ltx-core `BasicAVTransformerBlock`): video self+text attention, audio self+text
+    attention, then audio->video and video->audio cross-attention, both reading RMS-normed copies
+    of the streams taken before either update, then video FF, audio FF. `forward` (inherited) is
+    the audio-only pass, as the reference with no video input.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        Dv, Da = cfg.video_dim, cfg.dim
+        gated = cfg.gated_attention
+        self.attn1 = Attention(Dv, None, cfg.video_heads, cfg.video_head_dim, gated, cfg.eps)
+        self.attn2 = Attention(Dv, cfg.video_cross_attention_dim, cfg.video_heads, cfg.video_head_dim, gated, cfg.eps)
+        self.ff = FeedForward(Dv)
+        self.scale_shift_table = nn.Parameter(torch.zeros(cfg.ada_rows, Dv))
+        # both cross-modal attentions work at the audio width and head layout
+        self.audio_to_video_attn = Attention(Dv, Da, cfg.heads, cfg.head_dim, gated, cfg.eps)  # Q video, KV audio
+        self.video_to_audio_attn = Attention(Da, Dv, cfg.heads, cfg.head_dim, gated, cfg.eps)  # Q audio, KV video
+        # rows: 0 scale_a2v, 1 shift_a2v, 2 scale_v2a, 3 shift_v2a, 4 gate (of the attention writing this stream)
+        self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.zeros(5, Da))
+        self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.zeros(5, Dv))
+        if cfg.cross_attention_adaln:
+            self.prompt_scale_shift_table = nn.Parameter(torch.zeros(2, Dv))
+
+    def forward_av(self, vx, ax, v, a):
+        """vx (B, Tv, Dv), ax (B, Ta, Da); v, a: the streams' `StreamInputs`. Returns (vx, ax)."""
+        v_ada = _modulation(self.scale_shift_table, v.temb)
+        vx = _attend(vx, self.attn1, self.attn2, v_ada, getattr(self, "prompt_scale_shift_table", None),
+                     v.context, v.prompt_temb, v.rope, v.attn_mask, v.context_mask, v.skip, self.eps)
+        a_ada = _modulation(self.audio_scale_shift_table, a.temb)
+        ax = _attend(ax, self.audio_attn1, self.audio_attn2, a_ada, getattr(self, "audio_prompt_scale_shift_table", None),
+                     a.context, a.prompt_temb, a.rope, a.attn_mask, a.context_mask, a.skip, self.eps)
+
+        vn, an = rms_norm(vx, self.eps), rms_norm(ax, self.eps)
+        v_scale_a2v, v_shift_a2v, v_scale_v2a, v_shift_v2a = _modulation(self.scale_shift_table_a2v_ca_video[:4],
+                                                                          v.cross_temb)
+        a_scale_a2v, a_shift_a2v, a_scale_v2a, a_shift_v2a = _modulation(self.scale_shift_table_a2v_ca_audio[:4],
+                                                                          a.cross_temb)
+        (v_gate,) = _modulation(self.scale_shift_table_a2v_ca_video[4:], v.cross_gate)
+        (a_gate,) = _modulation(self.scale_shift_table_a2v_ca_audio[4:], a.cross_gate)
+        a2v = self.audio_to_video_attn(torch.addcmul(v_shift_a2v, vn, 1 + v_scale_a2v),
+                                       torch.addcmul(a_shift_a2v, an, 1 + a_scale_a2v),
+                                       rope=v.cross_rope, k_rope=a.cross_rope)
+        v2a = self.video_to_audio_attn(torch.addcmul(a_shift_v2a, an, 1 + a_scale_v2a),
+                                       torch.addcmul(v_shift_v2a, vn, 1 + v_scale_v2a),
+                                       rope=a.cross_rope, k_rope=v.cross_rope)
+        vx = torch.addcmul(vx, a2v, v_gate)
+        ax = torch.addcmul(ax, v2a, a_gate)
+
+        return _feed_forward(vx, self.ff, v_ada, self.eps), _feed_forward(ax, self.audio_ff, a_ada, self.eps)
 
 
 class AudioDiT(nn.Module):
-    """The audio-only LTX-2 DiT, predicting the flow velocity v = eps - x0 of audio latent tokens."""
+    """The LTX-2 DiT predicting the flow velocity v = eps - x0: audio-only by default, the joint
+    audio-video transformer with `cfg.video` (then `forward_av`; `forward` stays the audio-only pass,
+    as the reference given no video)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -319,16 +470,32 @@ class AudioDiT(nn.Module):
         self.audio_adaln_single = AdaLNSingle(D, cfg.ada_rows)
         if cfg.cross_attention_adaln:
             self.audio_prompt_adaln_single = AdaLNSingle(D, 2)
-        self.transformer_blocks = nn.ModuleList(AudioBlock(cfg) for _ in range(cfg.num_layers))
+        self.transformer_blocks = nn.ModuleList((AVBlock if cfg.video else AudioBlock)(cfg)
+                                                for _ in range(cfg.num_layers))
         self.audio_scale_shift_table = nn.Parameter(torch.zeros(2, D))
         self.audio_proj_out = nn.Linear(D, cfg.in_channels)
+        if cfg.video:
+            Dv = cfg.video_dim
+            self.patchify_proj = nn.Linear(cfg.video_in_channels, Dv)
+            if cfg.caption_channels:
+                self.caption_projection = CaptionProjection(cfg.caption_channels, Dv)
+            self.adaln_single = AdaLNSingle(Dv, cfg.ada_rows)
+            if cfg.cross_attention_adaln:
+                self.prompt_adaln_single = AdaLNSingle(Dv, 2)
+            self.scale_shift_table = nn.Parameter(torch.zeros(2, Dv))
+            self.proj_out = nn.Linear(Dv, cfg.video_in_channels)
+            # cross-modal AdaLN, each fed with the OTHER stream's sigma: scale/shift rows 0-3, gate row 4
+            self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(Dv, 4)
+            self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(D, 4)
+            self.av_ca_a2v_gate_adaln_single = AdaLNSingle(Dv, 1)
+            self.av_ca_v2a_gate_adaln_single = AdaLNSingle(D, 1)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """adaLN-Zero init (DiT): zero modulation and output head, so a fresh model starts at v = 0
-        with every block an identity; attention gates start at 2*sigmoid(0) = 1. Official
-        checkpoints overwrite all of it."""
+        """adaLN-Zero init (DiT): zero modulation and output heads, so a fresh model starts at v = 0
+        with every block an identity (the cross-modal attentions too: their gates start at 0);
+        attention gates start at 2*sigmoid(0) = 1. Official checkpoints overwrite all of it."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -338,15 +505,57 @@ class AudioDiT(nn.Module):
         for name, p in self.named_parameters():
             if "scale_shift_table" in name:
                 nn.init.zeros_(p)
-        zero = [self.audio_adaln_single.linear, self.audio_proj_out]
-        if self.cfg.cross_attention_adaln:
-            zero.append(self.audio_prompt_adaln_single.linear)
-        if self.cfg.gated_attention:
-            zero += [attn.to_gate_logits for blk in self.transformer_blocks
-                     for attn in (blk.audio_attn1, blk.audio_attn2)]
-        for m in zero:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        for name, m in self.named_modules():
+            if name.endswith(("adaln_single.linear", "proj_out", "to_gate_logits")):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _prepare(self, x, sigma, context, timesteps, positions, context_mask, attn_mask, video):
+        """Patchify, embed sigma, project the text, build masks and rope for one stream.
+
+        Returns (h (B, T, D), StreamInputs, embedded_t (B, Tt, D) for the output head).
+        """
+        cfg = self.cfg
+        pre = "" if video else "audio_"
+        B = x.shape[0]
+        h = getattr(self, pre + "patchify_proj")(x)  # (B, T, D)
+        dtype = h.dtype
+
+        t = sigma[:, None] if timesteps is None else timesteps  # (B, Tt), Tt = 1 or T
+        temb, embedded_t = getattr(self, pre + "adaln_single")(t.float().flatten() * cfg.timestep_scale, dtype)
+        temb, embedded_t = temb.view(B, t.shape[1], -1), embedded_t.view(B, t.shape[1], -1)
+        prompt_temb = None
+        if cfg.cross_attention_adaln:  # always the per-sample sigma
+            prompt_adaln = getattr(self, pre + "prompt_adaln_single")
+            prompt_temb = prompt_adaln(sigma.float() * cfg.timestep_scale, dtype)[0].view(B, 1, -1)
+
+        if cfg.caption_channels:
+            context = getattr(self, pre + "caption_projection")(context)
+        if context_mask is not None:
+            # -max rather than -inf, as the reference: a sample with no valid token stays finite
+            context_mask = _additive_mask(context_mask, dtype, -torch.finfo(dtype).max).view(B, 1, 1, -1)
+        if attn_mask is not None:
+            attn_mask = _additive_mask(attn_mask, dtype, torch.finfo(dtype).min)[:, None]  # (B|1, 1, T, T)
+
+        if video:
+            rope = split_rope(positions, cfg.video_rope_max_pos, cfg.video_dim, cfg.video_heads, cfg.rope_theta,
+                              dtype, cfg.rope_double_precision)
+        else:
+            rope = split_rope(positions, cfg.rope_max_pos, cfg.dim, cfg.heads, cfg.rope_theta, dtype,
+                              cfg.rope_double_precision)
+        return h, StreamInputs(context, temb, prompt_temb, rope, attn_mask, context_mask), embedded_t
+
+    def _head(self, h, embedded_t, video):
+        """Output head: LayerNorm (no affine) modulated by the embedded timestep, then proj_out."""
+        pre = "" if video else "audio_"
+        shift, scale = (getattr(self, pre + "scale_shift_table").to(h.dtype) + embedded_t[:, :, None]).unbind(2)
+        h = torch.addcmul(shift, F.layer_norm(h, (h.shape[-1],), eps=self.cfg.eps), 1 + scale)
+        return getattr(self, pre + "proj_out")(h)
+
+    def _check_deltas(self, block_deltas, B, width):
+        if block_deltas is not None and tuple(block_deltas.shape) != (B, self.cfg.num_layers, width):
+            raise ValueError(f"block_deltas {tuple(block_deltas.shape)}: expected (B, num_layers, rows*D) = "
+                             f"{(B, self.cfg.num_layers, width)}")
 
     def forward(self, x, sigma, context, *, timesteps=None, positions=None, context_mask=None, attn_mask=None,
                 stg_blocks=(), block_deltas=None, stg_samples=None):
@@ -363,47 +572,75 @@ class AudioDiT(nn.Module):
         block_deltas: (B, num_layers, rows*D) added to every block's timestep modulation
             (SpeakerAdaLNZero); cast to the modulation's dtype.
         """
-        cfg = self.cfg
         B, T, _ = x.shape
-        h = self.audio_patchify_proj(x)  # (B, T, D)
-        dtype = h.dtype
-
-        t = sigma[:, None] if timesteps is None else timesteps  # (B, Tt), Tt = 1 or T
-        temb, embedded_t = self.audio_adaln_single(t.float().flatten() * cfg.timestep_scale, dtype)
-        temb, embedded_t = temb.view(B, t.shape[1], -1), embedded_t.view(B, t.shape[1], -1)
-        prompt_temb = None
-        if cfg.cross_attention_adaln:
-            prompt_temb = self.audio_prompt_adaln_single(sigma.float() * cfg.timestep_scale, dtype)[0].view(B, 1, -1)
-
-        if cfg.caption_channels:
-            context = self.audio_caption_projection(context)
-        if context_mask is not None:
-            # -max rather than -inf, as the reference: a sample with no valid token stays finite
-            context_mask = _additive_mask(context_mask, dtype, -torch.finfo(dtype).max).view(B, 1, 1, -1)
-        if attn_mask is not None:
-            attn_mask = _additive_mask(attn_mask, dtype, torch.finfo(dtype).min)[:, None]  # (B|1, 1, T, T)
-
         if positions is None:
             positions = audio_positions(T, B, device=x.device)
-        rope = split_rope(positions, cfg.rope_max_pos, cfg.dim, cfg.heads, cfg.rope_theta, dtype,
-                          cfg.rope_double_precision)
-
-        if block_deltas is not None and tuple(block_deltas.shape) != (B, cfg.num_layers, temb.shape[-1]):
-            raise ValueError(f"block_deltas {tuple(block_deltas.shape)}: expected (B, num_layers, rows*D) = "
-                             f"{(B, cfg.num_layers, temb.shape[-1])}")
+        h, a, embedded_t = self._prepare(x, sigma, context, timesteps, positions, context_mask, attn_mask, False)
+        self._check_deltas(block_deltas, B, a.temb.shape[-1])
         stg_blocks = set(stg_blocks)
         for i, block in enumerate(self.transformer_blocks):
-            block_temb = temb if block_deltas is None else temb + block_deltas[:, i, None].to(dtype)
+            block_temb = a.temb if block_deltas is None else a.temb + block_deltas[:, i, None].to(h.dtype)
             skip = (True if stg_samples is None else stg_samples) if i in stg_blocks else False
-            args = (h, context, block_temb, prompt_temb, rope, attn_mask, context_mask, skip)
+            args = (h, a.context, block_temb, a.prompt_temb, a.rope, a.attn_mask, a.context_mask, skip)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, *args, use_reentrant=False)
             else:
                 h = block(*args)
+        return self._head(h, embedded_t, video=False)
 
-        shift, scale = (self.audio_scale_shift_table.to(dtype) + embedded_t[:, :, None]).unbind(2)
-        h = torch.addcmul(shift, F.layer_norm(h, (cfg.dim,), eps=cfg.eps), 1 + scale)
-        return self.audio_proj_out(h)
+    def forward_av(self, video_x, audio_x, video_sigma, audio_sigma, video_context, audio_context, *,
+                   video_positions, audio_positions=None, video_timesteps=None, audio_timesteps=None,
+                   video_context_mask=None, audio_context_mask=None, video_attn_mask=None, audio_attn_mask=None,
+                   video_stg_blocks=(), audio_stg_blocks=(), stg_samples=None, audio_block_deltas=None):
+        """Joint pass: velocities (v_video (B, Tv, Cv), v_audio (B, Ta, C)), each stream at its own sigma.
+
+        video_x (B, Tv, video_in_channels), audio_x (B, Ta, in_channels); video_sigma, audio_sigma
+        (B,) drawn independently or shared; video_context (B, Lv, video_cross_attention_dim),
+        audio_context (B, La, cross_attention_dim). video_positions (B, Tv, 3) (seconds, pixels,
+        pixels; see `video_positions`); audio_positions (B, Ta) seconds, default `audio_positions`.
+        Per-token timesteps, masks, STG (per stream) and audio_block_deltas as in `forward`.
+        Each stream's cross-modal AdaLN is driven by the other stream's sigma (as ltx-core).
+        """
+        cfg = self.cfg
+        if not cfg.video:
+            raise ValueError("forward_av needs a model built with video=True (e.g. preset 'ltx23_av' or load_dit(av=True))")
+        B, Ta, _ = audio_x.shape
+        if audio_positions is None:
+            audio_positions = _default_audio_positions(Ta, B, device=audio_x.device)
+        vh, v, v_emb = self._prepare(video_x, video_sigma, video_context, video_timesteps, video_positions,
+                                     video_context_mask, video_attn_mask, True)
+        ah, a, a_emb = self._prepare(audio_x, audio_sigma, audio_context, audio_timesteps, audio_positions,
+                                     audio_context_mask, audio_attn_mask, False)
+        dtype = vh.dtype
+        # cross-modal rope: the time axis only, at the audio width (both attentions are audio-shaped),
+        # each stream's channels grouped by its own head count (reference: `audio_cross_attention_dim`)
+        rope_args = ([cfg.cross_rope_max_pos], cfg.dim)
+        v.cross_rope = split_rope(video_positions[..., :1], *rope_args, cfg.video_heads, cfg.rope_theta, dtype,
+                                  cfg.rope_double_precision)
+        a.cross_rope = split_rope(audio_positions[..., None], *rope_args, cfg.heads, cfg.rope_theta, dtype,
+                                  cfg.rope_double_precision)
+        # per-sample cross-modal modulation of each stream, from the other stream's sigma; the gate
+        # AdaLN sees sigma * av_ca_timestep_scale (the reference rescales the already scaled timestep)
+        for s, other_sigma, pre in ((v, audio_sigma, "av_ca_video"), (a, video_sigma, "av_ca_audio")):
+            t = other_sigma.float().view(B) * cfg.timestep_scale
+            s.cross_temb = getattr(self, pre + "_scale_shift_adaln_single")(t, dtype)[0].view(B, 1, -1)
+        t = audio_sigma.float().view(B) * cfg.timestep_scale * (cfg.av_ca_timestep_scale / cfg.timestep_scale)
+        v.cross_gate = self.av_ca_a2v_gate_adaln_single(t, dtype)[0].view(B, 1, -1)
+        t = video_sigma.float().view(B) * cfg.timestep_scale * (cfg.av_ca_timestep_scale / cfg.timestep_scale)
+        a.cross_gate = self.av_ca_v2a_gate_adaln_single(t, dtype)[0].view(B, 1, -1)
+
+        self._check_deltas(audio_block_deltas, B, a.temb.shape[-1])
+        video_stg_blocks, audio_stg_blocks = set(video_stg_blocks), set(audio_stg_blocks)
+        skip_on = True if stg_samples is None else stg_samples
+        for i, block in enumerate(self.transformer_blocks):
+            v_i = replace(v, skip=skip_on if i in video_stg_blocks else False)
+            a_i = replace(a, skip=skip_on if i in audio_stg_blocks else False,
+                          temb=a.temb if audio_block_deltas is None else a.temb + audio_block_deltas[:, i, None].to(dtype))
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                vh, ah = checkpoint(block.forward_av, vh, ah, v_i, a_i, use_reentrant=False)
+            else:
+                vh, ah = block.forward_av(vh, ah, v_i, a_i)
+        return self._head(vh, v_emb, video=True), self._head(ah, a_emb, video=False)
 
 
 def _additive_mask(mask, dtype, neg):
@@ -476,8 +713,9 @@ def load_prefixed_state(path, prefix, keep=None, device="cpu", dtype=None):
     return state
 
 
-def dit_config_from_metadata(config):
-    """DiTConfig of the audio stream from a checkpoint's parsed metadata config (or its "transformer" part)."""
+def dit_config_from_metadata(config, video=False):
+    """DiTConfig from a checkpoint's parsed metadata config (or its "transformer" part): the audio
+    stream, plus with `video` the video stream and cross-modal settings of the AV transformer."""
     tc = config.get("transformer", config)
     if "audio_num_attention_heads" not in tc:
         raise ValueError("transformer config has no audio stream (no 'audio_num_attention_heads'): video-only model?")
@@ -500,6 +738,24 @@ def dit_config_from_metadata(config):
         rope_double_precision=tc.get("frequencies_precision") == "float64",
         timestep_scale=float(tc.get("timestep_scale_multiplier", 1000)),
         stg_block=tc.get("stg_block", 28 if ca_adaln else 29),  # not in official configs: 2.3 uses 28, 2.0 29
+        **(_video_config_from_metadata(tc) if video else {}),
+    )
+
+
+def _video_config_from_metadata(tc):
+    """The DiTConfig video fields of an AV transformer config (defaults as ltx-core's configurator)."""
+    if "num_attention_heads" not in tc:
+        raise ValueError("transformer config has no video stream (no 'num_attention_heads'): audio-only model?")
+    if not tc.get("use_audio_video_cross_attention", True):
+        raise ValueError("use_audio_video_cross_attention=False: the two streams are not coupled, not an LTX-2 AV model")
+    return dict(
+        video=True,
+        video_heads=tc["num_attention_heads"],
+        video_head_dim=tc.get("attention_head_dim", 128),
+        video_in_channels=tc.get("in_channels", 128),
+        video_cross_attention_dim=tc.get("cross_attention_dim", 4096),
+        video_rope_max_pos=tuple(float(p) for p in tc.get("positional_embedding_max_pos", [20, 2048, 2048])),
+        av_ca_timestep_scale=float(tc.get("av_ca_timestep_scale_multiplier", 1)),  # ltx-core's default is 1
     )
 
 
@@ -525,22 +781,41 @@ def metadata_from_dit_config(cfg):
         "use_middle_indices_grid": True,
         "stg_block": cfg.stg_block,
     }
+    if cfg.video:
+        tc.update({
+            "num_attention_heads": cfg.video_heads,
+            "attention_head_dim": cfg.video_head_dim,
+            "in_channels": cfg.video_in_channels,
+            "out_channels": cfg.video_in_channels,
+            "cross_attention_dim": cfg.video_cross_attention_dim,
+            "positional_embedding_max_pos": list(cfg.video_rope_max_pos),
+            "av_ca_timestep_scale_multiplier": cfg.av_ca_timestep_scale,
+            "use_audio_video_cross_attention": True,
+        })
     return {"config": json.dumps({"transformer": tc})}
 
 
-def load_dit(path, *, device="cpu", dtype=None, strict=True):
-    """AudioDiT built from an official / merged LTX-2 checkpoint's own metadata, audio keys only.
+def is_transformer_key(name):
+    """True for a (prefix-stripped) key of the AV transformer itself, i.e. not of a text connector."""
+    return "embeddings_connector" not in name
 
-    Video, cross-modal and text-connector keys are skipped. Tensors are read one at a time into a
-    model built on the meta device, so peak memory is the audio model itself. dtype defaults to the
-    file's (that of `audio_patchify_proj.weight`). strict=False keeps a fresh init for missing keys.
+
+def load_dit(path, *, av=False, device="cpu", dtype=None, strict=True):
+    """AudioDiT built from an official / merged LTX-2 checkpoint's own metadata.
+
+    Default: the audio-only model; video, cross-modal and text-connector keys are skipped. av=True:
+    the full audio-video transformer (`cfg.video`), text connectors skipped. Tensors are read one at
+    a time into a model built on the meta device, so peak memory is the model itself. dtype
+    defaults to the file's (that of `audio_patchify_proj.weight`). strict=False keeps a fresh init
+    for missing keys.
     """
     path = os.fspath(path)
     try:
-        cfg = dit_config_from_metadata(read_checkpoint_config(path))
+        cfg = dit_config_from_metadata(read_checkpoint_config(path), video=av)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: cannot build the audio DiT from its metadata: {e}") from e
-    state = load_prefixed_state(path, PREFIX, keep=is_audio_key, device=device, dtype=dtype)
+        raise ValueError(f"{path}: cannot build the {'audio-video' if av else 'audio'} DiT from its metadata: {e}") from e
+    state = load_prefixed_state(path, PREFIX, keep=is_transformer_key if av else is_audio_key, device=device,
+                                dtype=dtype)
     if not state:
         raise ValueError(f"{path}: no audio transformer keys ('{PREFIX}audio_*'); a video-only or other model")
     if dtype is None:
@@ -554,7 +829,7 @@ def load_dit(path, *, device="cpu", dtype=None, strict=True):
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
              for k in sorted(state.keys() & expected.keys()) if state[k].shape != expected[k]]
     if wrong or (strict and (missing or unexpected)):
-        raise ValueError(f"{path}: audio DiT weights do not match its config {cfg}:\n"
+        raise ValueError(f"{path}: {'audio-video' if av else 'audio'} DiT weights do not match its config {cfg}:\n"
                          + _key_report(missing, unexpected, wrong))
     if missing or unexpected:
         print(f"load_dit({path}): non-strict load\n" + _key_report(missing, unexpected, wrong))

@@ -96,7 +96,7 @@ def run_command(args, log_path):
     cmd = [sys.executable, str(HERE / args[0]), *map(str, args[1:])]
     print("  $ python " + " ".join(map(str, args)), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: the log is readable while it runs
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **THREAD_ENV})
 

@@ -260,30 +260,44 @@ class AuxLosses:
         self.coefs = losses.AdaptiveCoefficients(
             {k: r for k, r in cfg.aux_ratios.items() if k in cfg.aux_losses}, cap=cfg.aux_cap, decay=cfg.aux_decay)
 
+    def decode16(self, x0_hat, batch, idx):
+        """Target tokens of items `idx` decoded to mono 16 kHz clips (a list of (N,) tensors)."""
+        clips = []
+        for i in idx:
+            tokens = x0_hat[i][batch["loss_mask"][i]][None]  # (1, T_target, F): no reference, no padding
+            wav = self.codec.decode(tokens.float()).mean(1)  # (1, N) mono at the codec's rate
+            clips.append(codec_lib.resample(wav, self.codec.output_rate, 16000)[0])
+        return clips
+
     def losses(self, batch, x_t, v_pred, sigma):
+        """{name: loss} on at most aux_clips gated clips of the micro-batch ({} when none qualifies)."""
         cfg = self.cfg
-        x0_hat = x_t - sigma[:, None, None] * v_pred  # (B, T, F)
+        x0_hat = x_t - sigma[:, None, None] * v_pred  # (B, T, F) one-step estimate
         n_target = batch["loss_mask"].sum(1)
         ok = (sigma < cfg.aux_sigma_max) & (n_target <= cfg.aux_max_seconds * self.codec.tokens_per_second)
         ok &= batch["speaker_present"]
-        idx = ok.nonzero().flatten()[: cfg.aux_clips]
-        if len(idx) == 0:
+        idx = ok.nonzero().flatten()[: cfg.aux_clips].tolist()
+        if not idx:
             return {}
+        clips = self.decode16(x0_hat, batch, idx)
         out = {}
-        wavs, refs = [], []
-        for i in idx.tolist():
-            tokens = x0_hat[i : i + 1][batch["loss_mask"][i : i + 1]].unsqueeze(0)  # target tokens only
-            wav = self.codec.decode(tokens.float()).mean(1)  # (1, N) mono
-            wavs.append(codec_lib.resample(wav, self.codec.output_rate, 16000))
-            refs.append(batch["speaker"][i])
-        n = min(w.shape[-1] for w in wavs)
-        wav16 = torch.cat([w[..., :n] for w in wavs])  # (b, N)
         if "speaker" in cfg.aux_losses:
-            emb = self.speaker.embed(wav16, differentiable=True)
-            out["speaker"] = losses.speaker_cosine_loss(emb, torch.stack(refs))
+            emb = self.speaker.embed(clips, differentiable=True)  # (b, dim)
+            out["speaker"] = losses.speaker_cosine_loss(emb, batch["speaker"][idx])
         if self.dnsmos is not None:
-            out["dnsmos"] = -self.dnsmos(wav16)["ovr"].mean()
+            out["dnsmos"] = -torch.cat([self.dnsmos(c)["ovr"] for c in clips]).mean()
         return out
+
+    @torch.no_grad()
+    def speaker_similarity(self, batch, x_t, v_pred, sigma):
+        """Per item with a reference: cosine between the speaker features of its decoded one-step
+        x0̂ and the reference's cached features (validation's speaker-similarity proxy)."""
+        x0_hat = x_t - sigma[:, None, None] * v_pred
+        idx = batch["speaker_present"].nonzero().flatten().tolist()
+        if not idx:
+            return []
+        emb = self.speaker.embed(self.decode16(x0_hat, batch, idx))
+        return F.cosine_similarity(emb, batch["speaker"][idx].float(), dim=-1).tolist()
 
     def combine(self, flow, aux_values):
         return self.coefs.combine(flow, aux_values)
@@ -366,24 +380,35 @@ def lr_at(cfg, step):
 
 
 @torch.no_grad()
-def validate(cfg, parts, val_set, device, autocast):
-    """Mean flow loss on the held-out set at fixed σ and noise (comparable across evaluations)."""
+def validate(cfg, parts, val_set, device, autocast, aux=None):
+    """Held-out metrics at fixed σ and noise (comparable across evaluations): `val_loss`, the mean
+    flow loss at σ spread over [0.1, 0.9]; with stage-2 auxiliary models also `val_spk_sim`, the
+    speaker similarity of one-step x0̂ at σ = val_spk_sigma to each item's reference."""
     if val_set is None:
-        return None
-    total, count = 0.0, 0
+        return {}
+    total, count, sims = 0.0, 0, []
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
     for batch in data.iterate_batches(val_set, cfg.micro_batch):
         batch = data.to_device(batch, device)
         x0 = batch["x0"]
-        sigma = torch.linspace(0.1, 0.9, x0.shape[0]) if x0.shape[0] > 1 else torch.tensor([0.5])
+        B = x0.shape[0]
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        sigma = sigma.to(device)
-        timesteps = torch.where(batch["ref_mask"], torch.zeros_like(x0[..., 0]), sigma[:, None].expand_as(x0[..., 0]))
-        x_t = (1 - timesteps[..., None]) * x0 + timesteps[..., None] * noise
-        v = predict(parts, batch, x_t, sigma, timesteps, autocast)
+
+        def forward(sigma):
+            sigma = sigma.to(device)
+            timesteps = torch.where(batch["ref_mask"], torch.zeros_like(x0[..., 0]), sigma[:, None].expand_as(x0[..., 0]))
+            x_t = (1 - timesteps[..., None]) * x0 + timesteps[..., None] * noise
+            return x_t, predict(parts, batch, x_t, sigma, timesteps, autocast), sigma
+
+        x_t, v, sigma = forward(torch.linspace(0.1, 0.9, B) if B > 1 else torch.tensor([0.5]))
         total += losses.flow_loss(v, x0, noise, batch["loss_mask"]).sum().item()
-        count += x0.shape[0]
-    return total / max(count, 1)
+        count += B
+        if aux is not None:
+            sims += aux.speaker_similarity(batch, *forward(torch.full((B,), cfg.val_spk_sigma)))
+    out = {"val_loss": total / max(count, 1)}
+    if sims:
+        out["val_spk_sim"] = sum(sims) / len(sims)
+    return out
 
 
 def main(argv=None):
@@ -416,6 +441,9 @@ def main(argv=None):
     opt_params = masters.masters if masters is not None else params
     optimizer = torch.optim.AdamW(opt_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
+    if cfg.best_by not in ("val_loss", "val_spk_sim") or (cfg.best_by == "val_spk_sim" and aux is None):
+        raise ValueError(f"config key 'best_by': {cfg.best_by!r} needs to be val_loss, or val_spk_sim in stage "
+                         "adaln with aux_losses (its speaker models compute the similarity)")
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else contextlib.nullcontext())
     step, best_val = 0, float("inf")
     if cfg.resume and os.path.exists(ckpt_path):
@@ -486,11 +514,12 @@ def main(argv=None):
             dist.all_reduce(flag)
             stopping = flag.item() > 0
         if step % cfg.val_every == 0 or step == cfg.max_steps:
-            val = validate(cfg, parts, val_set, device, autocast) if master else None
-            if master and val is not None:
-                record = {"step": step, "val_loss": round(val, 6)}
-                if val < best_val:
-                    best_val = val
+            val = validate(cfg, parts, val_set, device, autocast, aux) if master else {}
+            if val:
+                record = {"step": step, **{k: round(v, 6) for k, v in val.items()}}
+                score = -val["val_spk_sim"] if cfg.best_by == "val_spk_sim" else val["val_loss"]
+                if score < best_val:
+                    best_val = score
                     record["best"] = True
                     record["best_path"] = export_weights(cfg, parts, trainable, masters, run_dir, tag="_best")
                 record["weights"] = weight_change(trainable if masters is None else
@@ -506,7 +535,7 @@ def main(argv=None):
             break
     if master and step == cfg.max_steps:
         path = export_weights(cfg, parts, trainable, masters, run_dir)
-        print(f"done: {step} steps; weights in {path}" + (f" (best val loss {best_val:.5f}: *_best)" if val_set else ""))
+        print(f"done: {step} steps; weights in {path}" + (f" (best by {cfg.best_by}: *_best)" if val_set else ""))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -5,6 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# one intra-op thread: on the shared 2-core machines two threads per process thrash (measured up
+# to 10x slower under load); the subprocesses below get OMP_NUM_THREADS=1 for the same reason
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
