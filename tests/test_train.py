@@ -74,3 +74,22 @@ def test_stop_file_stops_all_ranks_with_a_checkpoint(micro_corpus):
     out = run_py([TRAIN, *data_args, *COMMON, "--max_steps=50", "--ckpt_every=100", "--name=stopped"], cwd=work)
     assert "stopped at step 1" in out.stdout
     assert torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 1
+
+
+def test_lora_stage_bf16_masters_two_processes_equal_one(micro_corpus):
+    """Stage 1 on a bf16 frozen base with fp32 master weights: 2 gloo ranks = 1 process."""
+    work, data_args = micro_corpus
+    base = work / "runs/lora_base/dit.safetensors"
+    run_py([TRAIN, *data_args, *COMMON, "--max_steps=2", "--ckpt_every=100", "--name=lora_base"], cwd=work)
+    args = [*data_args, *COMMON, "--max_steps=3", "--ckpt_every=100", "--device=cpu", "--stage=lora",
+            f"--ckpt={base}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=[audio]", "--param_dtype=bf16",
+            "--dtype=bf16"]
+    run_py([TRAIN, *args, "--name=lora_one"], cwd=work)
+    run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args, "--name=lora_two"],
+           cwd=work)
+    one, two = _weights(work / "runs/lora_one/lora.safetensors"), _weights(work / "runs/lora_two/lora.safetensors")
+    assert one.keys() == two.keys() and any(k.endswith("lora_B.weight") for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k].float(), one[k].float(), rtol=1e-3, atol=1e-5, msg=k)
+    # B starts at zero: after 3 steps it has moved in every adapter (the masters kept the updates)
+    assert all(one[k].abs().max() > 0 for k in one if k.endswith("lora_B.weight"))
