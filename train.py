@@ -435,6 +435,10 @@ def main(argv=None):
     parts = build(cfg, device, data.collate(train_set, [0], cfg, epoch=0))
     trainable = parts["trainable"]
     params = [p for _, p in trainable]
+    if master:
+        if cfg.stage == "lora":
+            print(lora.lora_table(parts["dit"]))
+        print(f"stage {cfg.stage}: {sum(p.numel() for p in params):,} trainable parameters")
     broadcast_params(params, world)
     low_precision = params[0].dtype != torch.float32
     masters = MasterWeights(params, offload=cfg.offload_masters) if low_precision and cfg.master_weights else None
@@ -531,6 +535,8 @@ def main(argv=None):
             save(step)
         if stopping:
             if master:
+                with contextlib.suppress(FileNotFoundError):  # honoured: a resumed run must not stop again
+                    os.remove(os.path.join(run_dir, "STOP"))
                 print(f"stopped at step {step} (STOP file or SIGTERM); resume with --resume=true")
             break
     if master and step == cfg.max_steps:

@@ -74,6 +74,10 @@ def test_stop_file_stops_all_ranks_with_a_checkpoint(micro_corpus):
     out = run_py([TRAIN, *data_args, *COMMON, "--max_steps=50", "--ckpt_every=100", "--name=stopped"], cwd=work)
     assert "stopped at step 1" in out.stdout
     assert torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 1
+    assert not (run_dir / "STOP").exists()  # honoured once: --resume continues
+    out = run_py([TRAIN, *data_args, *COMMON, "--max_steps=3", "--ckpt_every=100", "--name=stopped",
+                  "--resume=true"], cwd=work)
+    assert "resumed from" in out.stdout and "done: 3 steps" in out.stdout
 
 
 def test_lora_stage_bf16_masters_two_processes_equal_one(micro_corpus):
