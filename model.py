@@ -92,11 +92,11 @@ def split_rope(positions, max_pos, inner_dim, heads, theta=1e4, dtype=torch.floa
     return cos.view(B, T, heads, -1).to(dtype), sin.view(B, T, heads, -1).to(dtype)
 
 
-def apply_rope(x, cos, sin, heads=None):
-    """Rotate x (B, T, heads*head_dim): each head's halves a, b -> (a cos - b sin, b cos + a sin).
+def apply_rope(x, cos, sin):
+    """Rotate x (B, T, H*head_dim): each head's halves a, b -> (a cos - b sin, b cos + a sin).
 
-    The channel groups are those of the table (cos.shape[2] heads): the cross-modal rope of the video
-    stream groups the audio-width q by the video's head count, as the reference does.
+    H is the table's (cos (B, T, H, head_dim/2)): the cross-modal rope of the video stream groups
+    the audio-width q by the video's head count, as the reference does.
     """
     B, T, _ = x.shape
     a, b = x.view(B, T, cos.shape[2], 2, -1).unbind(-2)  # (B, T, H, head_dim/2) each
@@ -126,8 +126,8 @@ class Attention(nn.Module):
         """x (B, Tq, query_dim), context (B, Tk, context_dim) or None for self-attention.
 
         rope: (cos, sin) from `split_rope`, applied to q, and to k unless k_rope is given (the
-        cross-modal attentions rotate keys with the other stream's positions). mask: bool (True = attend) or
-        additive float, broadcastable to (B, heads, Tq, Tk). skip_attention (STG): True, or a (B,)
+        cross-modal attentions rotate keys with the other stream's positions). mask: bool
+        (True = attend) or additive float, broadcastable to (B, heads, Tq, Tk). skip_attention (STG): True, or a (B,)
         bool tensor selecting samples, replaces the attention output by `to_v(context)`; the gate
         and `to_out` still apply.
         """
@@ -432,7 +432,8 @@ class AVBlock(AudioBlock):
         vx = _attend(vx, self.attn1, self.attn2, v_ada, getattr(self, "prompt_scale_shift_table", None),
                      v.context, v.prompt_temb, v.rope, v.attn_mask, v.context_mask, v.skip, self.eps)
         a_ada = _modulation(self.audio_scale_shift_table, a.temb)
-        ax = _attend(ax, self.audio_attn1, self.audio_attn2, a_ada, getattr(self, "audio_prompt_scale_shift_table", None),
+        ax = _attend(ax, self.audio_attn1, self.audio_attn2, a_ada,
+                     getattr(self, "audio_prompt_scale_shift_table", None),
                      a.context, a.prompt_temb, a.rope, a.attn_mask, a.context_mask, a.skip, self.eps)
 
         vn, an = rms_norm(vx, self.eps), rms_norm(ax, self.eps)
@@ -603,7 +604,8 @@ class AudioDiT(nn.Module):
         """
         cfg = self.cfg
         if not cfg.video:
-            raise ValueError("forward_av needs a model built with video=True (e.g. preset 'ltx23_av' or load_dit(av=True))")
+            raise ValueError("forward_av needs a model built with video=True "
+                             "(e.g. preset 'ltx23_av' or load_dit(av=True))")
         B, Ta, _ = audio_x.shape
         if audio_positions is None:
             audio_positions = _default_audio_positions(Ta, B, device=audio_x.device)
@@ -634,8 +636,8 @@ class AudioDiT(nn.Module):
         skip_on = True if stg_samples is None else stg_samples
         for i, block in enumerate(self.transformer_blocks):
             v_i = replace(v, skip=skip_on if i in video_stg_blocks else False)
-            a_i = replace(a, skip=skip_on if i in audio_stg_blocks else False,
-                          temb=a.temb if audio_block_deltas is None else a.temb + audio_block_deltas[:, i, None].to(dtype))
+            a_temb = a.temb if audio_block_deltas is None else a.temb + audio_block_deltas[:, i, None].to(dtype)
+            a_i = replace(a, skip=skip_on if i in audio_stg_blocks else False, temb=a_temb)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 vh, ah = checkpoint(block.forward_av, vh, ah, v_i, a_i, use_reentrant=False)
             else:
@@ -747,7 +749,7 @@ def _video_config_from_metadata(tc):
     if "num_attention_heads" not in tc:
         raise ValueError("transformer config has no video stream (no 'num_attention_heads'): audio-only model?")
     if not tc.get("use_audio_video_cross_attention", True):
-        raise ValueError("use_audio_video_cross_attention=False: the two streams are not coupled, not an LTX-2 AV model")
+        raise ValueError("use_audio_video_cross_attention=False: the streams are not coupled, not an LTX-2 AV model")
     return dict(
         video=True,
         video_heads=tc["num_attention_heads"],
@@ -813,7 +815,8 @@ def load_dit(path, *, av=False, device="cpu", dtype=None, strict=True):
     try:
         cfg = dit_config_from_metadata(read_checkpoint_config(path), video=av)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: cannot build the {'audio-video' if av else 'audio'} DiT from its metadata: {e}") from e
+        kind = "audio-video" if av else "audio"
+        raise ValueError(f"{path}: cannot build the {kind} DiT from its metadata: {e}") from e
     state = load_prefixed_state(path, PREFIX, keep=is_transformer_key if av else is_audio_key, device=device,
                                 dtype=dtype)
     if not state:

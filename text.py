@@ -38,6 +38,9 @@ CONNECTOR_PRESETS = {
     "tiny": dict(heads=4, head_dim=64, layers=2, registers=16, gated=True),
     "micro": dict(heads=2, head_dim=16, layers=1, registers=8, gated=True),
 }
+# the audio-video presets share their audio stream, hence their audio connector
+CONNECTOR_PRESETS.update(ltx23_av=CONNECTOR_PRESETS["ltx23_audio"], tiny_av=CONNECTOR_PRESETS["tiny"],
+                         micro_av=CONNECTOR_PRESETS["micro"])
 
 REGISTER_LAYOUTS = ("official", "ltx_core_1_0")
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import lora  # noqa: E402
 import model as M  # noqa: E402
 from ltx_core.components.patchifiers import AudioPatchifier, VideoLatentPatchifier, get_pixel_coords  # noqa: E402
 from ltx_core.guidance.perturbations import (  # noqa: E402
@@ -23,6 +24,7 @@ from ltx_core.model.transformer.attention import AttentionFunction  # noqa: E402
 from ltx_core.model.transformer.modality import Modality  # noqa: E402
 from ltx_core.model.transformer.model import LTXModel, LTXModelType  # noqa: E402
 from ltx_core.model.transformer.rope import LTXRopeType  # noqa: E402
+from ltx_core.model.transformer.text_projection import PixArtAlphaTextProjection  # noqa: E402
 from ltx_core.types import SpatioTemporalScaleFactors, VideoLatentShape  # noqa: E402
 
 TOL = 1e-5
@@ -33,10 +35,17 @@ MICRO_AV = M.PRESETS["micro_av"]
 MIXED_AV = M.DiTConfig(num_layers=2, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1,
                        video=True, video_heads=4, video_head_dim=16, video_in_channels=8,
                        video_cross_attention_dim=64, av_ca_timestep_scale=1.0)
+# LTX-2.0 style: 6-row tables, no gates, no prompt AdaLN, caption projections inside the transformer
+AV20 = M.DiTConfig(num_layers=2, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1,
+                   gated_attention=False, cross_attention_adaln=False, caption_channels=24, video=True,
+                   video_heads=2, video_head_dim=32, video_in_channels=24, video_cross_attention_dim=64)
 
 
 def reference_model(cfg, seed=0):
     """An ltx-core AudioVideo LTXModel at `cfg` with all parameters random (N(0, 0.2))."""
+    def caption(dim):  # LTX-2.0: the Gemma-feature projection lives in the transformer
+        return PixArtAlphaTextProjection(cfg.caption_channels, dim) if cfg.caption_channels else None
+
     torch.manual_seed(seed)
     ref = LTXModel(
         model_type=LTXModelType.AudioVideo,
@@ -59,6 +68,8 @@ def reference_model(cfg, seed=0):
         double_precision_rope=cfg.rope_double_precision,
         apply_gated_attention=cfg.gated_attention,
         cross_attention_adaln=cfg.cross_attention_adaln,
+        caption_projection=caption(cfg.video_dim),
+        audio_caption_projection=caption(cfg.dim),
     ).eval()
     with torch.no_grad():
         for p in ref.parameters():
@@ -94,8 +105,8 @@ def av_inputs(cfg, B, F, H, W, Ta, Lv, La, seed=1):
         audio_x=torch.randn(B, Ta, cfg.in_channels, generator=g),
         video_sigma=torch.rand(B, generator=g),
         audio_sigma=torch.rand(B, generator=g),
-        video_context=torch.randn(B, Lv, cfg.video_cross_attention_dim, generator=g),
-        audio_context=torch.randn(B, La, cfg.cross_attention_dim, generator=g),
+        video_context=torch.randn(B, Lv, cfg.caption_channels or cfg.video_cross_attention_dim, generator=g),
+        audio_context=torch.randn(B, La, cfg.caption_channels or cfg.cross_attention_dim, generator=g),
     )
     d["video_timesteps"] = d["video_sigma"][:, None].expand(B, Tv).clone()
     d["video_timesteps"][:, : H * W] = 0.0  # first-frame conditioning tokens
@@ -128,7 +139,7 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("cfg", [MICRO_AV, MIXED_AV], ids=["micro_av", "mixed_heads"])
+@pytest.mark.parametrize("cfg", [MICRO_AV, MIXED_AV, AV20], ids=["micro_av", "mixed_heads", "ltx20_style"])
 def test_av_parity_with_ltx_core(cfg):
     """Independent sigma per modality, per-token timesteps, padded text, STG on each stream."""
     ref = reference_model(cfg)
@@ -194,6 +205,44 @@ def test_audio_only_model_has_no_video_modules_and_forward_av_refuses():
     assert not any(k for k in dit.state_dict() if not M.is_audio_key(k))
     with pytest.raises(ValueError, match="video=True"):
         dit.forward_av(None, torch.zeros(1, 2, 16), None, None, None, None, video_positions=None)
+
+
+def test_av_block_has_no_graph_breaks():
+    """torch.compile traces one AV block (both streams, cross-modal rope and modulation) as one graph."""
+    cfg = MICRO_AV
+    dit = M.AudioDiT(cfg)
+    B, F, H, W, Ta = 2, 2, 2, 2, 6
+    d = av_inputs(cfg, B, F, H, W, Ta, Lv=4, La=5)
+    vpos, apos = M.video_positions(F, H, W, B), M.audio_positions(Ta, B)
+    with torch.no_grad():
+        vh, v, _ = dit._prepare(d["video_x"], d["video_sigma"], d["video_context"], d["video_timesteps"], vpos,
+                                d["video_context_mask"], None, True)
+        ah, a, _ = dit._prepare(d["audio_x"], d["audio_sigma"], d["audio_context"], d["audio_timesteps"], apos,
+                                d["audio_context_mask"], None, False)
+    v.cross_rope = M.split_rope(vpos[..., :1], [cfg.cross_rope_max_pos], cfg.dim, cfg.video_heads)
+    a.cross_rope = M.split_rope(apos, cfg.cross_rope_max_pos, cfg.dim, cfg.heads)
+    v.cross_temb, a.cross_temb = torch.randn(B, 1, 4 * cfg.video_dim), torch.randn(B, 1, 4 * cfg.dim)
+    v.cross_gate, a.cross_gate = torch.randn(B, 1, cfg.video_dim), torch.randn(B, 1, cfg.dim)
+    a.skip = torch.tensor([True, False])
+    explained = torch._dynamo.explain(dit.transformer_blocks[0].forward_av)(vh, ah, v, a)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_av_bf16_cuda_close_to_fp32():
+    cfg = MICRO_AV
+    ref = reference_model(cfg, seed=14)
+    ours = ours_from(ref, cfg)
+    B, F, H, W, Ta = 2, 2, 3, 3, 16
+    d = av_inputs(cfg, B, F, H, W, Ta, Lv=5, La=6, seed=15)
+    with torch.no_grad():
+        want_v, want_a = ours_forward(ours, d, B, F, H, W)
+        ours = ours.cuda().to(torch.bfloat16)
+        dc = {k: (v.cuda().bfloat16() if k.endswith(("_x", "_context")) else v.cuda()) for k, v in d.items()}
+        got_v, got_a = ours.forward_av(**dc, video_positions=M.video_positions(F, H, W, B, fps=FPS, device="cuda"))
+    for got, want in ((got_v, want_v), (got_a, want_a)):
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert ((got.float().cpu() - want).norm() / want.norm()).item() < 0.05
 
 
 def test_param_count_of_22b_av_config_on_meta():
@@ -267,3 +316,74 @@ def test_load_av_from_audio_only_file_is_a_clear_error(tmp_path):
     M.save_dit(M.AudioDiT(M.PRESETS["micro"]), path)
     with pytest.raises(ValueError, match="no video stream"):
         M.load_dit(path, av=True)
+
+
+# -----------------------------------------------------------------------------------------------
+# an audio-only LoRA and the video output (records/2026-11-23_av_lora_video_drift.md)
+
+
+def _lora_pair(m, d, B, F, H, W):
+    """(v_video, v_audio) with the adapters on, then off."""
+    with torch.no_grad():
+        on = ours_forward(m, d, B, F, H, W)
+        with lora.lora_disabled(m):
+            off = ours_forward(m, d, B, F, H, W)
+    return on, off
+
+
+def _random_av_with_lora(targets, seed=11):
+    torch.manual_seed(seed)
+    m = M.AudioDiT(MICRO_AV).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    lora.inject_lora(m, targets, rank=4, alpha=4)
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(m):
+            mod.lora_B.weight.normal_(0, 0.05)  # a trained, nonzero adapter
+    return m
+
+
+@pytest.mark.parametrize("targets", [["audio"], ["audio_attn1", "audio_attn2", "video_to_audio_attn"]],
+                         ids=["preset_audio", "whisper_card"])
+def test_audio_lora_moves_video_through_audio_to_video_attn_only(targets):
+    """An audio LoRA (the `audio` preset; the seed whisper card's audio_attn1/2 + video_to_audio_attn)
+    adapts no video module, yet the video output moves: the audio hidden states it changes are the
+    keys/values of every block's audio_to_video_attn. The video stream is untouched up to block 0's
+    cross-modal step, and exactly unchanged once the a2v gates are 0."""
+    B, F, H, W, Ta = 2, 2, 2, 2, 10
+    d = av_inputs(MICRO_AV, B, F, H, W, Ta, Lv=4, La=5, seed=12)
+    m = _random_av_with_lora(targets)
+    video_modules = ("attn1", "attn2", "ff", "audio_to_video_attn")
+    assert not any(n.split(".")[2] in video_modules for n, _ in lora.lora_modules(m))
+
+    seen = {}
+    blk0 = m.transformer_blocks[0]
+    hooks = [mod.register_forward_hook(lambda mod, i, o, k=k: seen.setdefault(k, []).append(o))
+             for k, mod in (("attn2", blk0.attn2), ("a2v", blk0.audio_to_video_attn))]
+    (on_v, on_a), (off_v, off_a) = _lora_pair(m, d, B, F, H, W)
+    for h in hooks:
+        h.remove()
+    assert (on_a - off_a).norm() / off_a.norm() > 1e-3
+    assert (on_v - off_v).norm() / off_v.norm() > 1e-3  # NOT "provably unchanged"
+    assert torch.equal(*seen["attn2"])  # block 0's video self + text attention: identical
+    assert not torch.equal(*seen["a2v"])  # block 0's audio_to_video_attn: first place video moves
+
+    with torch.no_grad():  # a2v gate = table row 4 + av_ca_a2v_gate_adaln_single(sigma_audio) -> 0
+        m.av_ca_a2v_gate_adaln_single.linear.weight.zero_()
+        m.av_ca_a2v_gate_adaln_single.linear.bias.zero_()
+        for blk in m.transformer_blocks:
+            blk.scale_shift_table_a2v_ca_video[4].zero_()
+    (on_v, on_a), (off_v, off_a) = _lora_pair(m, d, B, F, H, W)
+    assert torch.equal(on_v, off_v) and not torch.equal(on_a, off_a)
+
+
+def test_audio_ff_lora_on_last_block_leaves_video_unchanged():
+    """The cross-modal step precedes the feed-forward and no block follows the last one, so an
+    adapter there cannot reach the video: the one audio adapter that is provably video-neutral."""
+    last = MICRO_AV.num_layers - 1
+    m = _random_av_with_lora([f"transformer_blocks.{last}.audio_ff"])
+    B, F, H, W, Ta = 1, 2, 2, 2, 8
+    d = av_inputs(MICRO_AV, B, F, H, W, Ta, Lv=4, La=5, seed=13)
+    (on_v, on_a), (off_v, off_a) = _lora_pair(m, d, B, F, H, W)
+    assert torch.equal(on_v, off_v) and not torch.equal(on_a, off_a)
