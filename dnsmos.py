@@ -219,11 +219,13 @@ class DNSMOS(nn.Module):
         h = F.relu(self.dense["dense_1"](h))
         return self.dense["dense_3"](h)
 
-    def forward(self, wav):
+    def forward(self, wav, max_windows=None):
         """wav (B, N) or (N,) at 16 kHz -> {sig, bak, ovr, sig_raw, bak_raw, ovr_raw}, each (B,).
 
         Clips shorter than 9.01 s are repeated (doubled until long enough), longer ones scored on
         9.01 s windows every 1 s, as speechmos does; all clips of a batch share one length.
+        max_windows: score only the first windows (the ReFL loss uses 1: a short clip's repeats
+        make every window nearly the same, at 6x the cost for a 4 s clip).
         """
         if wav.dim() == 1:
             wav = wav[None]
@@ -233,7 +235,7 @@ class DNSMOS(nn.Module):
             wav = wav.float()
             while wav.shape[-1] < WINDOW:
                 wav = torch.cat([wav, wav], dim=-1)
-            starts = window_starts(wav.shape[-1])
+            starts = window_starts(wav.shape[-1])[:max_windows]
             windows = torch.stack([wav[:, s:s + WINDOW] for s in starts], dim=1)  # (B, W, 144160)
             B, W = windows.shape[:2]
             raw = self.raw_scores(windows.flatten(0, 1)).view(B, W, 3)
