@@ -31,6 +31,7 @@ runs/<name>/summary.json, with the wall time of every step.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -125,11 +126,14 @@ def run_command(args, log_path):
 
 
 def step_corpus(cfg, p, yamls, overrides):
-    run_command(["corpus.py", "--out", p["corpus"], "--speakers", cfg.corpus_speakers,
-                 "--utts_per_speaker", cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac], p["run"] / "logs" / "corpus.log")
+    """corpus.py: the eSpeak NG corpus with train / val / judge manifests (cached by its settings)."""
+    run_command(["corpus.py", "--out", p["corpus"], "--speakers", cfg.corpus_speakers, "--utts_per_speaker",
+                 cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac],
+                p["run"] / "logs" / "corpus.log")
 
 
 def step_prepare(cfg, p, yamls, overrides):
+    """data.py prepare: latents, text features and speaker features of train and val, cached."""
     run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['train']}", f"--val_manifest={p['val']}"],
                 p["run"] / "logs" / "prepare.log")
 
@@ -147,17 +151,22 @@ def train_stage(stage, ckpt):
 
 
 def step_merge(cfg, p, yamls, overrides):
+    """merge.py: the stage-1 LoRA folded into the base DiT, in the base's dtype."""
     run_command(["merge.py", "--ckpt", p["base"], "--lora", p["lora"], "--out", p["merged"], "--dtype", "keep"],
                 p["run"] / "logs" / "merge.log")
 
 
 def reference_clips(manifest):
-    """(prompts, {speaker: first clip}) of a corpus manifest: every prompt, one reference per speaker."""
+    """(prompts, their clips' durations in s, {speaker: first clip}) of a corpus manifest: every
+    prompt, and one reference per speaker."""
+    import soundfile as sf
+
     rows = [json.loads(line) for line in open(manifest, encoding="utf-8") if line.strip()]
+    clips = [str((Path(manifest).parent / r["audio"]).resolve()) for r in rows]
     refs = {}
-    for r in rows:
-        refs.setdefault(r["speaker"], str((Path(manifest).parent / r["audio"]).resolve()))
-    return [r["text"] for r in rows], refs
+    for r, clip in zip(rows, clips):
+        refs.setdefault(r["speaker"], clip)
+    return [r["text"] for r in rows], [sf.info(c).duration for c in clips], refs
 
 
 def step_sample(cfg, p, yamls, overrides):
@@ -166,10 +175,13 @@ def step_sample(cfg, p, yamls, overrides):
 
     import sample as sample_lib
 
-    prompts, refs = reference_clips(p["val"])
+    prompts, durations, refs = reference_clips(p["val"])
     # the config that made the cache (no `ckpt`: the text projection is the seeded random one)
     p["data_config"].write_text(json.dumps({"config": {**config_dict(cfg), "ckpt": "", "stage": "adaln"}}))
-    items = [(prompt, spk, seed) for prompt in prompts for spk in sorted(refs) for seed in cfg.sample_seeds]
+    # Each prompt is spoken for as long as its own corpus clip: the model was trained on 1-4 s clips,
+    # and DramaBox's estimate (sample.estimate_duration, >= 3 s + padding) would ask for 2-3x more.
+    items = [(prompt, spk, seed, seconds) for prompt, seconds in zip(prompts, durations)
+             for spk in sorted(refs) for seed in cfg.sample_seeds]
     for variant in VARIANTS:
         t0 = time.time()
         adaln = variant != "baseline"
@@ -185,13 +197,16 @@ def step_sample(cfg, p, yamls, overrides):
         wavs = sample_lib.sample(model, codec, text_encoder, connector, [i[0] for i in items],
                                  seeds=[i[2] for i in items], ref_wavs=[refs[i[1]] for i in items],
                                  ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
-                                 device=device, dtype=dtype, **settings)
+                                 duration=[i[3] for i in items], device=device, dtype=dtype, **settings)
         out_dir = p["samples"] / variant
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for k, ((prompt, spk, seed), wav) in enumerate(zip(items, wavs)):
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)  # a previous run's samples would be scored with these
+        out_dir.mkdir(parents=True)
+        for k, ((prompt, spk, seed, seconds), wav) in enumerate(zip(items, wavs)):
             path = out_dir / f"{k:04d}_{spk}_seed{seed}.wav"
             sf.write(path, wav.T.numpy(), codec.output_rate)
             meta = {"variant": variant, "prompt": prompt, "speaker": spk, "ref": refs[spk], "seed": seed,
+                    "duration_s": round(seconds, 2),
                     "ckpt": str(p["merged"]), "adaln": str(p["adaln"]) if adaln else None, **settings}
             (out_dir / f"{path.stem}.json").write_text(json.dumps(meta, indent=1))
         print(f"    {variant}: {len(wavs)} samples in {time.time() - t0:.1f} s -> {out_dir}", flush=True)
@@ -234,14 +249,16 @@ def step_eval(cfg, p, yamls, overrides):
 
 
 def read_wav(path):
-    """A wav file as a mono float32 tensor at its own rate, resampled to the judge's 16 kHz."""
+    """A wav file as a mono float32 tensor (N,) at the judge's 16 kHz."""
     import soundfile as sf
     import torch
+    import torchaudio.functional as AF
 
     import judge as judge_lib
 
     data, rate = sf.read(path, dtype="float32", always_2d=True)
-    return judge_lib._as_tensor(torch.from_numpy(data.T.copy()), rate)
+    wav = torch.from_numpy(data.mean(1))
+    return wav if rate == judge_lib.SAMPLE_RATE else AF.resample(wav, rate, judge_lib.SAMPLE_RATE)
 
 
 STEP_FUNCTIONS = {"corpus": step_corpus, "prepare": step_prepare, "base": train_stage("base", None),
