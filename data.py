@@ -50,9 +50,10 @@ from codec import to_channels
 from model import PRESETS, audio_positions
 from text import left_pad_features
 
-CACHE_VERSION = 1  # bump when the layout of a cache entry changes
+CACHE_VERSION = 2  # bump when the layout of a cache entry changes
 SILENT_PEAK = 1e-4  # a clip whose peak is below -80 dBFS is treated as silent (no usable speech)
 SPEAKER_SAMPLE_RATE = 16000  # speaker extractors take 16 kHz mono (SPEC §6)
+REF_PEAK = 10 ** (-4.0 / 20)  # speaker features see references peak-normalised to -4 dBFS (DramaBox)
 MANIFEST_KEYS = {"audio", "text", "speaker", "ref_audio", "source", "id"}
 MODES = ("forward", "reverse", "uncond")
 
@@ -240,6 +241,7 @@ def encode_clip(path, cfg, codec, speaker, device):
     spk = None
     if speaker is not None:
         wav16, _ = read_audio(path, SPEAKER_SAMPLE_RATE, 1)
+        wav16 = wav16 * (REF_PEAK / wav16.abs().max())  # as sample.py normalises a --ref
         spk = speaker(wav16.to(device))[0].float()  # (dim,)
     return latent, spk, resampled
 

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from data import REF_PEAK  # the -4 dBFS peak references get, in training features and here
+
 # -----------------------------------------------------------------------------------------------
 # σ schedule (ltx-core LTX2Scheduler)
 
@@ -142,7 +144,6 @@ def n_latent_tokens(seconds):
 
 REF_SECONDS = 10.0  # DramaBox encodes ~10 s of the reference
 MIN_REF_SECONDS = 1.0  # LAIONBox recommends 3-15 s; under 1 s there is no voice to copy
-REF_PEAK = 10 ** (-4.0 / 20)  # DramaBox peak-normalises the reference to -4 dBFS
 SILENCE_RMS = 1e-4
 
 

@@ -193,7 +193,8 @@ def test_cache_entry_contents(tmp_path):
     torch.testing.assert_close(entry["latent"], codec.encode(wav[None, None])[0], rtol=0, atol=0)
     feats, mask = FakeText().encode(["hello"])
     torch.testing.assert_close(entry["text"], feats[0, -5:])  # valid tokens only, no padding rows
-    torch.testing.assert_close(entry["speaker"], FakeSpeaker()(wav[None])[0])
+    # speaker features see the clip peak-normalised to -4 dBFS, as sample.py gives a --ref
+    torch.testing.assert_close(entry["speaker"], FakeSpeaker()(wav[None] * (data.REF_PEAK / wav.abs().max()))[0])
     shared = data.load_file(str(train_cache(cfg) / "shared.safetensors"))
     torch.testing.assert_close(shared["silence"], torch.full((8,), 0.1))  # codec(zeros) = bias
     assert shared["null_text"].shape == (0, 4)  # the empty prompt has no tokens in this text double
