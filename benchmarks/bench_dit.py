@@ -12,7 +12,6 @@ achieved FLOP/s (FlopCounterMode count of one step) against this machine's measu
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -22,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as M  # noqa: E402
+import peak_rss  # noqa: E402
 
 
 def build(args):
@@ -104,12 +104,8 @@ def matmul_peak(n=2048, seconds=2.0):
 
 def rss_child(args, which):
     """Peak RSS growth (bytes) of one step of `which`, measured in a fresh interpreter."""
-    cmd = [sys.executable, __file__, f"--rss-of={which}"] + [f"--{k}={getattr(args, k)}" for k in
-                                                              ("layers", "dim", "tokens", "batch", "context")]
-    # large blocks always mmap'ed and unmapped on free, so RSS follows live tensor memory
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
+    return peak_rss.rss_child(__file__, which, [f"--{k}={getattr(args, k)}" for k in
+                                                ("layers", "dim", "tokens", "batch", "context")])
 
 
 def main():
@@ -129,11 +125,7 @@ def main():
         step()
         ours.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (Linux)
-        base = _proc_status_bytes("VmRSS")
-        step()
-        print(_proc_status_bytes("VmHWM") - base)
+        peak_rss.print_step_growth(step)
         return
 
     steps = {w: step_fn(w, ours, ref, inputs) for w in ("ours", "ref")}
@@ -161,14 +153,6 @@ def main():
     print(f"ratio ours/ref: {med['ours'] / med['ref']:.3f}")
     print(f"FLOPs per step: {flops / 1e9:.1f} GFLOP; matmul peak {peak / 1e9:.1f} GFLOP/s; "
           f"ours at {100 * flops / med['ours'] / peak:.0f}% of peak")
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import peak_rss  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
@@ -134,21 +134,9 @@ def gate_fraction(cfg, B, T, draws=200_000):
     return p, 1 - (1 - p) ** B
 
 
-def proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def rss_child(args, variant):
     """Peak RSS growth (bytes) of one warm step of `variant`, in a fresh interpreter."""
-    cmd = [sys.executable, os.path.abspath(__file__), f"--rss-of={variant}"] + [
-        f"--{k}={getattr(args, k)}" for k in ("tokens", "batch", "threads")]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
+    return peak_rss.rss_child(__file__, variant, [f"--{k}={getattr(args, k)}" for k in ("tokens", "batch", "threads")])
 
 
 def main():
@@ -164,12 +152,7 @@ def main():
     bench = Bench(args)
 
     if args.rss_of:  # child: one warm step, reset the high-water mark, one more
-        bench.step(args.rss_of)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = proc_status_bytes("VmRSS")
-        bench.step(args.rss_of)
-        print(proc_status_bytes("VmHWM") - base)
+        peak_rss.print_step_growth(lambda: bench.step(args.rss_of))
         return
 
     cfg = bench.cfg

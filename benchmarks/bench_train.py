@@ -23,7 +23,6 @@ the optimizer-side tensors (masters, Adam moments).
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import peak_rss  # noqa: E402
 import lora  # noqa: E402
 import model as model_lib  # noqa: E402
 import text as text_lib  # noqa: E402
@@ -130,21 +130,10 @@ class Bench:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def rss_child(args, variant):
     """Peak RSS growth (bytes) of one warm step of `variant`, in a fresh interpreter."""
-    cmd = [sys.executable, os.path.abspath(__file__), f"--rss-of={variant}"] + [
-        f"--{k}={getattr(args, k)}" for k in ("layers", "dim", "rank", "tokens", "batch", "text_len", "threads")]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
+    return peak_rss.rss_child(__file__, variant, [f"--{k}={getattr(args, k)}" for k in
+                                                  ("layers", "dim", "rank", "tokens", "batch", "text_len", "threads")])
 
 
 def main():
@@ -165,12 +154,7 @@ def main():
 
     if args.rss_of:  # child: two warm steps (optimizer state exists), reset the high-water mark, one more
         bench.step(args.rss_of)
-        bench.step(args.rss_of)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = proc_status_bytes("VmRSS")
-        bench.step(args.rss_of)
-        print(proc_status_bytes("VmHWM") - base)
+        peak_rss.print_step_growth(lambda: bench.step(args.rss_of))
         return
 
     steps = 3 if args.quick else args.steps
