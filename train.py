@@ -234,7 +234,7 @@ def micro_loss(cfg, parts, batch, gen, autocast, aux):
     if aux is None:
         return flow, logs
     aux_values = aux.losses(batch, x_t, v_pred, sigma)
-    total, coefs = aux.combine(flow, aux_values)
+    total, coefs = aux.coefs.combine(flow, aux_values)
     logs.update({f"aux_{k}": v.detach() for k, v in aux_values.items()})
     logs.update({f"coef_{k}": torch.tensor(float(c)) for k, c in coefs.items()})
     return total, logs
@@ -300,9 +300,6 @@ class AuxLosses:
             return []
         emb = self.speaker.embed(self.decode16(x0_hat, batch, idx))
         return F.cosine_similarity(emb, batch["speaker"][idx].float(), dim=-1).tolist()
-
-    def combine(self, flow, aux_values):
-        return self.coefs.combine(flow, aux_values)
 
 
 # -----------------------------------------------------------------------------------------------
