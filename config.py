@@ -102,6 +102,18 @@ class Config:
     aux_clips: int = 1  # clips decoded per micro-batch for the auxiliary losses
     val_spk_sigma: float = 0.3  # σ of the one-step x0̂ whose speaker similarity validation reports
     best_by: str = "val_loss"  # val_loss | val_spk_sim (stage 2 with auxiliary models): picks *_best
+    # --- audio-video mode (train.py `av`; data.PrecomputedDataset, model.forward_av) --------
+    av: bool = False  # LoRA on the joint audio-video model from an ltx-trainer precomputed dataset
+    precomputed: str = ""  # the dataset directory (latents/, conditions/, audio_latents/)
+    av_sigma: str = "independent"  # independent (each stream shifted by its own token count) | shared
+    audio_weight: float = 1.0  # fixed w_a of L = L_video + w_a·L_audio (official: 1)
+    audio_balancer: bool = False  # opt-in EMA balancer (PR #720, two-sided clamp) instead of audio_weight
+    balancer_target: float = 0.33
+    balancer_decay: float = 0.99
+    balancer_min: float = 0.05
+    balancer_max: float = 20.0
+    audio_free: str = "mask"  # samples without audio: mask (no audio loss, no grad into audio adapters) | preserve
+    preserve_weight: float = 1.0  # weight of the preservation MSE vs the LoRA-disabled audio prediction
 
     # --- pipeline (pipeline.py): a config with `pipeline:` runs these steps in order --------
     pipeline: list[str] = field(default_factory=list)  # corpus prepare base lora merge adaln sample eval

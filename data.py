@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from codec import to_channels
-from model import PRESETS, audio_positions
+from model import PRESETS, audio_positions, video_positions
 from text import left_pad_features
 
 CACHE_VERSION = 2  # bump when the layout of a cache entry changes
@@ -673,11 +673,10 @@ class PrecomputedDataset:
                                            f"not be stretched or cut away from its duration")
         video = torch.load(video_file, map_location="cpu", weights_only=True, mmap=True)  # reads metadata only
         if "fps" in video and "num_frames" in video:
-            pixel_frames = (int(video["num_frames"]) - 1) * 8 + 1  # video VAE: 1 + 8k frames
-            video_seconds = pixel_frames / float(video["fps"])
-            if abs(video_seconds - float(data["duration"])) > 1 / self.tokens_per_second:
+            seconds = video_seconds(video)
+            if abs(seconds - float(data["duration"])) > 1 / self.tokens_per_second:
                 raise BadInput("audio_length", f"{path}: audio lasts {float(data['duration']):.3f} s but its "
-                                               f"video {video_file} lasts {video_seconds:.3f} s")
+                                               f"video {video_file} lasts {seconds:.3f} s")
         return lat.shape[1]
 
     def __len__(self):
@@ -712,6 +711,51 @@ class PrecomputedDataset:
         return make_example(rng, self.cfg, s["audio"], None, s["text"], None, silence=None,
                             null_text=s["text"][:0], tokens_per_second=self.tokens_per_second, mode="uncond",
                             item_id=s["id"], source="precomputed")
+
+
+def video_seconds(video):
+    """Duration of a latents/ entry: the causal video VAE encodes 1 + 8k pixel frames as k + 1 latents."""
+    return ((int(video["num_frames"]) - 1) * 8 + 1) / float(video["fps"])
+
+
+def collate_av(dataset, indices, cfg, audio_width):
+    """An audio-video micro-batch of PrecomputedDataset samples, for train.py's `av` mode.
+
+    Video latents [C, F, H, W] become tokens (F·H·W, C) in (f, h, w) order with their RoPE positions;
+    every item of a micro-batch must share (F, H, W) and fps (ltx-trainer's resolution buckets; or
+    use micro_batch 1). Audio is padded to the longest item (`audio_mask` marks real tokens). An item
+    without audio gets zero latents of its video's length and has_audio False: it is never a
+    training target (train.py masks it out or uses the preservation loss), only a shape.
+    `audio_width` is the model's audio in_channels (checked against every item's features).
+    Returns video_x0 (B, Tv, Cv), video_positions (B, Tv, 3), audio_x0 (B, Ta, C), audio_mask
+    (B, Ta), has_audio (B,), text / video_text (B, max_text_len, D·) left-padded, text_mask, ids.
+    """
+    samples = [dataset.load(int(i)) for i in indices]
+    shapes = {(s["video"]["latents"].shape[1:], float(s["video"].get("fps", 24.0))) for s in samples}
+    if len(shapes) > 1:
+        files = [str(dataset.samples[int(i)]["video"]) for i in indices]
+        raise ValueError(f"an audio-video micro-batch mixes video latent shapes / fps {sorted(map(str, shapes))} "
+                         f"({', '.join(files)}): use micro_batch: 1 or one resolution and fps per dataset")
+    (F, H, W), fps = next(iter(shapes))
+    B = len(samples)
+    video = torch.stack([s["video"]["latents"].float().flatten(1).T for s in samples])  # (B, F·H·W, C)
+    n_audio = [s["audio"].shape[0] if s["audio"] is not None else expected_audio_frames(video_seconds(s["video"]))
+               for s in samples]
+    for s, i in zip(samples, indices):
+        if s["audio"] is not None and s["audio"].shape[1] != audio_width:
+            raise ValueError(f"{dataset.samples[int(i)]['audio']}: {s['audio'].shape[1]} audio features per "
+                             f"token (channels x bins), the model takes {audio_width}")
+    audio = torch.zeros(B, max(n_audio), audio_width)
+    audio_mask = torch.zeros(B, max(n_audio), dtype=torch.bool)
+    for b, s in enumerate(samples):
+        if s["audio"] is not None:
+            audio[b, :n_audio[b]] = s["audio"]
+        audio_mask[b, :n_audio[b]] = True
+    text, text_mask = left_pad_features([s["text"] for s in samples], cfg.max_text_len)
+    video_text, _ = left_pad_features([s["video_text"] for s in samples], cfg.max_text_len)
+    return {"video_x0": video, "video_positions": video_positions(F, H, W, B, fps=fps), "audio_x0": audio,
+            "audio_mask": audio_mask, "has_audio": torch.tensor([s["audio"] is not None for s in samples]),
+            "text": text, "video_text": video_text, "text_mask": text_mask, "ids": [s["id"] for s in samples]}
 
 
 def main(argv):

@@ -159,6 +159,12 @@ def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def audio_adapter_params(model):
+    """lora_A / lora_B weights of the adapters on audio and cross-modal modules (every module with
+    "audio" in its name: audio_attn1/2, audio_ff, audio_to_video_attn, video_to_audio_attn)."""
+    return [p for n, m in lora_modules(model) if _has_audio(n) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
 def set_lora_enabled(model, enabled):
     """Switch every adapter of `model` on or off (off = the base model's prediction exactly)."""
     for _, m in lora_modules(model):

@@ -71,16 +71,21 @@ def sample_av_sigmas(batch, n_video_tokens, n_audio_tokens, *, independent=True,
     return sigma_video, sample_sigma(batch, n_audio_tokens, mode=mode, generator=generator, **kw)
 
 
-def flow_loss(v_pred, x0, noise, mask=None):
-    """Masked flow-matching MSE per sample, (B,) fp32: mean over kept tokens × channels of
-    (v_pred - (noise - x0))². v_pred, x0, noise (B, T, C); mask (B, T) bool, True = in the loss
-    (reference and padding tokens are False). A sample with no kept token contributes 0."""
-    err = (v_pred.float() - (noise.float() - x0.float())).square()  # (B, T, C)
+def masked_mse(pred, target, mask=None):
+    """MSE per sample, (B,) fp32: mean over kept tokens × channels of (pred - target)². pred, target
+    (B, T, C); mask (B, T) bool, True = kept. A sample with no kept token gives 0."""
+    err = (pred.float() - target.float()).square()  # (B, T, C)
     if mask is None:
         return err.mean(dim=(1, 2))
     keep = mask.to(err.dtype)[..., None]  # (B, T, 1)
     count = keep.sum(dim=(1, 2)) * err.shape[-1]
     return (err * keep).sum(dim=(1, 2)) / count.clamp_min(1)
+
+
+def flow_loss(v_pred, x0, noise, mask=None):
+    """Masked flow-matching loss per sample, (B,): the MSE of v_pred against v = noise - x0 over
+    kept tokens (mask (B, T), True = in the loss; reference and padding tokens are False)."""
+    return masked_mse(v_pred, noise.float() - x0.float(), mask)
 
 
 def sigma_bucket_losses(per_sample_loss, sigma, edges=SIGMA_EDGES):
@@ -97,7 +102,7 @@ def sigma_bucket_losses(per_sample_loss, sigma, edges=SIGMA_EDGES):
 
 
 def _finite(x):
-    return x is not None and math.isfinite(float(x))
+    return x is not None and math.isfinite(float(x.detach() if torch.is_tensor(x) else x))
 
 
 class AdaptiveCoefficients:
@@ -108,8 +113,12 @@ class AdaptiveCoefficients:
 
     so each auxiliary term contributes about ratio_i × the flow loss; ratios summing to 1/6 give
     the v0.4 6:1 flow:auxiliary split. An EMA starts at its first value. A NaN/Inf auxiliary value
-    is dropped from the step and counted in `dropped`; the step falls back to the flow loss alone
-    for it. The EMAs are updated before the coefficients are computed.
+    is dropped and counted in `dropped`; the step falls back to the flow loss alone for it.
+
+    train.py weights a step's losses with the coefficients of the EMAs so far (`apply`) and feeds
+    the step's means, averaged over every micro-batch of every rank, to `update` after it: the
+    coefficients are then the same however the global batch is split over ranks, and a term
+    enters the loss from the step after its first appearance.
     """
 
     def __init__(self, ratios, cap=20.0, decay=0.95):
@@ -130,24 +139,36 @@ class AdaptiveCoefficients:
         flow = float(flow)
         if _finite(flow):
             self.ema_flow = self._ema(self.ema_flow, flow)
-        coefs = {}
+        updated = []
         for name, value in aux.items():
             value = float(value)
             if not _finite(value):
                 self.dropped[name] += 1
                 continue
             self.ema[name] = self._ema(self.ema[name], abs(value))
-            if self.ema_flow is not None:
-                coefs[name] = min(self.ratios[name] * self.ema_flow / max(self.ema[name], 1e-8), self.cap)
-        return coefs
+            updated.append(name)
+        current = self.coefficients()
+        return {name: current[name] for name in updated if name in current}
 
-    def combine(self, flow, aux):
-        """(total, coefs): total = flow + Σ c_i·L_i over the finite auxiliary losses."""
-        coefs = self.update(flow.detach() if torch.is_tensor(flow) else flow,
-                            {k: v.detach() if torch.is_tensor(v) else v for k, v in aux.items()})
-        total = flow
-        for name, c in coefs.items():
-            total = total + c * aux[name]
+    def coefficients(self):
+        """{name: c_i} of every term with an EMA (none before the flow loss has one)."""
+        if self.ema_flow is None:
+            return {}
+        return {name: min(self.ratios[name] * self.ema_flow / max(ema, 1e-8), self.cap)
+                for name, ema in self.ema.items() if ema is not None}
+
+    def apply(self, flow, aux):
+        """(total, coefs): total = flow + Σ c_i·L_i with the current coefficients (numbers, no
+        gradient), over the finite auxiliary losses that have one; NaN/Inf ones are dropped and counted."""
+        current, coefs, total = self.coefficients(), {}, flow
+        for name, value in aux.items():
+            if name not in self.ratios:
+                raise KeyError(f"auxiliary loss {name!r} has no ratio (aux_ratios has {sorted(self.ratios)})")
+            if not _finite(value):
+                self.dropped[name] += 1
+            elif name in current:
+                coefs[name] = current[name]
+                total = total + current[name] * value
         return total, coefs
 
     def state_dict(self):
@@ -168,7 +189,9 @@ class EMABalancer:
     The clamp is two-sided (the PR's first version floored w_a at 1 and so could only boost); the
     state goes into checkpoints via state_dict (the PR reset it on resume and wrote w_a into the
     config; here it lives only in this object). An EMA starts at its first value; non-finite losses
-    are skipped. Opt-in: train.py uses a fixed w_a unless asked.
+    are skipped. Opt-in: train.py uses a fixed w_a unless asked; it weights a step with `weight`
+    as of the previous steps and feeds the step's rank-averaged losses to `update` after it (the
+    first step uses w_a = 1).
     """
 
     def __init__(self, target=0.33, decay=0.99, min_weight=0.05, max_weight=20.0):
@@ -187,12 +210,6 @@ class EMABalancer:
             ratio = self.target * self.ema_video / max(self.ema_audio, 1e-12)
             self.weight = min(max(ratio, self.min_weight), self.max_weight)
         return self.weight
-
-    def combine(self, loss_video, loss_audio):
-        """(L_video + w_a·L_audio, w_a), with w_a updated from this step's values."""
-        w = self.update(loss_video.detach() if torch.is_tensor(loss_video) else loss_video,
-                        loss_audio.detach() if torch.is_tensor(loss_audio) else loss_audio)
-        return loss_video + w * loss_audio, w
 
     def state_dict(self):
         return {"ema_video": self.ema_video, "ema_audio": self.ema_audio, "weight": self.weight}

@@ -141,20 +141,37 @@ def weight_change(named_params, init):
 # model assembly per stage
 
 
-def build(cfg, device, example):
-    """DiT (+ LoRA or SpeakerAdaLNZero) and text connector for `cfg.stage`; returns a dict of parts."""
+def build(cfg, device, example, with_audio=True):
+    """DiT (+ LoRA or SpeakerAdaLNZero) and text connector(s) for `cfg.stage`; returns a dict of parts.
+
+    In `av` mode the DiT is the joint audio-video model and a video text connector joins the audio
+    one; with_audio=False (a dataset without audio) creates no audio or cross-modal adapters.
+    """
     param_dtype = DTYPES[cfg.param_dtype]
-    latent_dim, text_dim = example["x0"].shape[-1], example["text"].shape[-1]
+    latent_dim = example["audio_x0" if cfg.av else "x0"].shape[-1]
+    text_dim = example["text"].shape[-1]
+    if cfg.av and cfg.stage != "lora":
+        raise ValueError(f"config key 'stage': av mode trains LoRA adapters (stage: lora), got {cfg.stage!r}")
     if cfg.ckpt:
-        dit = model_lib.load_dit(cfg.ckpt, device="cpu", dtype=torch.float32)
+        dit = model_lib.load_dit(cfg.ckpt, av=cfg.av, device="cpu", dtype=torch.float32)
     else:
         torch.manual_seed(cfg.seed)
-        dit_cfg = model_lib.PRESETS[cfg.model]
-        dit = model_lib.AudioDiT(dataclasses.replace(dit_cfg, in_channels=latent_dim, cross_attention_dim=text_dim))
+        dit_cfg = dataclasses.replace(model_lib.PRESETS[cfg.model], in_channels=latent_dim, cross_attention_dim=text_dim)
+        if cfg.av:
+            if not dit_cfg.video:
+                raise ValueError(f"config key 'model': av mode needs an audio-video preset (ltx23_av, tiny_av, "
+                                 f"micro_av), got {cfg.model!r}")
+            dit_cfg = dataclasses.replace(dit_cfg, video_in_channels=example["video_x0"].shape[-1],
+                                          video_cross_attention_dim=example["video_text"].shape[-1])
+        dit = model_lib.AudioDiT(dit_cfg)
     dit.grad_checkpointing = cfg.grad_checkpointing
     connector = text_lib.build_text_connector(cfg.model, ckpt=cfg.text_ckpt or cfg.ckpt, dim=text_dim,
                                               register_layout=cfg.register_layout, seed=cfg.seed)
-    parts = {"dit": dit, "connector": connector, "adaln": None}
+    parts = {"dit": dit, "connector": connector, "adaln": None, "video_connector": None}
+    if cfg.av:
+        parts["video_connector"] = text_lib.build_text_connector(
+            cfg.model, ckpt=cfg.text_ckpt or cfg.ckpt, dim=example["video_text"].shape[-1],
+            register_layout=cfg.register_layout, seed=cfg.seed + 1, stream="video").requires_grad_(False)
     if cfg.stage == "base":
         trainable = list(dit.named_parameters()) + [("connector." + n, p) for n, p in connector.named_parameters()]
     else:
@@ -162,8 +179,10 @@ def build(cfg, device, example):
         connector.requires_grad_(False)
         if cfg.stage == "lora":
             torch.manual_seed(cfg.seed)
-            lora.inject_lora(dit, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+            lora.inject_lora(dit, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             with_audio=with_audio)
             trainable = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
+            parts["audio_adapters"] = lora.audio_adapter_params(dit)
         elif cfg.stage == "adaln":
             torch.manual_seed(cfg.seed)
             # dropout=0 here: micro_loss drops speakers with the micro-batch's own generator
@@ -176,6 +195,8 @@ def build(cfg, device, example):
     # the frozen base is stored in param_dtype; stage-2 AdaLN stays fp32 (SPEC §6)
     dit.to(device, param_dtype)
     connector.to(device, param_dtype)
+    if parts["video_connector"] is not None:
+        parts["video_connector"].to(device, param_dtype)
     if parts["adaln"] is not None:
         parts["adaln"].to(device, torch.float32)
     if cfg.stage == "lora":
@@ -234,10 +255,119 @@ def micro_loss(cfg, parts, batch, gen, autocast, aux):
     if aux is None:
         return flow, logs
     aux_values = aux.losses(batch, x_t, v_pred, sigma)
-    total, coefs = aux.coefs.combine(flow, aux_values)
-    logs.update({f"aux_{k}": v.detach() for k, v in aux_values.items()})
+    total, coefs = aux.coefs.apply(flow, aux_values)
+    logs.update({f"aux_{k}": v.detach() for k, v in aux_values.items() if torch.isfinite(v)})
     logs.update({f"coef_{k}": torch.tensor(float(c)) for k, c in coefs.items()})
     return total, logs
+
+
+def global_mean(values, world, device):
+    """Mean of a list of scalar tensors over this rank's micro-batches and all ranks (None if no
+    rank has any). Every rank must call it, in the same order."""
+    acc = torch.tensor([float(sum(float(v) for v in values)), float(len(values))], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(acc)
+    return (acc[0] / acc[1]).item() if acc[1] > 0 else None
+
+
+# -----------------------------------------------------------------------------------------------
+# audio-video mode (SPEC §7): LoRA on the joint model, from an ltx-trainer precomputed dataset
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Inside the block `params` take no gradient (requires_grad off); restored on exit."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+def av_inputs(cfg, batch, gen):
+    """Noised streams of an AV micro-batch: σ per stream (independent, each shifted by its own token
+    count, or shared); items without audio get σ_audio = 1, pure noise: nothing of their audio is
+    known, so none is made up. Returns x_video, x_audio, σ_video, σ_audio, noise_video, noise_audio."""
+    v0, a0 = batch["video_x0"], batch["audio_x0"]
+    n_audio = int(batch["audio_mask"].sum(1).float().mean().item())
+    sv, sa = losses.sample_av_sigmas(v0.shape[0], v0.shape[1], n_audio, independent=cfg.av_sigma == "independent",
+                                     mode=cfg.sigma_sampler, generator=gen, fixed_value=cfg.sigma_fixed)
+    sa = torch.where(batch["has_audio"].cpu(), sa, torch.ones_like(sa))
+    nv = torch.randn(v0.shape, generator=gen).to(v0.device)
+    na = torch.randn(a0.shape, generator=gen).to(a0.device)
+    sv, sa = sv.to(v0.device), sa.to(a0.device)
+    xv = torch.lerp(v0, nv, sv[:, None, None])  # (1-σ)·x0 + σ·ε
+    xa = torch.lerp(a0, na, sa[:, None, None])
+    return xv, xa, sv, sa, nv, na
+
+
+def predict_av(parts, batch, xv, xa, sv, sa, autocast):
+    """(v_video, v_audio) of one joint forward; the frozen connectors run without autograd."""
+    with torch.no_grad(), autocast:
+        ctx_audio = parts["connector"](batch["text"], batch["text_mask"])
+        ctx_video = parts["video_connector"](batch["video_text"], batch["text_mask"])
+    valid = batch["audio_mask"]  # padded audio keys are hidden; the diagonal keeps their rows finite
+    attn = None if valid.all() else valid[:, None, :] | torch.eye(valid.shape[1], dtype=torch.bool,
+                                                                   device=valid.device)[None]
+    with autocast:
+        v_video, v_audio = parts["dit"].forward_av(xv, xa, sv, sa, ctx_video, ctx_audio,
+                                                   video_positions=batch["video_positions"], audio_attn_mask=attn)
+    return v_video.float(), v_audio.float()
+
+
+def av_micro_step(cfg, parts, batch, gen, autocast, w_audio, scale):
+    """Forward and backward of one audio-video micro-batch; returns its logs.
+
+    Items with audio: L = L_video + w_a·L_audio. Items without audio, by `audio_free`:
+      mask      L_video only, with every audio and cross-modal adapter frozen for them (no gradient
+                reaches those adapters from data that has no audio)
+      preserve  L_video + preserve_weight·MSE(v̂_audio, v̂_audio of the same model, LoRA disabled):
+                the adapters may not change what the base model does with the audio stream
+    A micro-batch holding both kinds runs as two sub-batches; each item weighs 1/B. The loss is
+    multiplied by `scale` (1/grad_accum) before backward.
+    """
+    xv, xa, sv, sa, nv, na = av_inputs(cfg, batch, gen)
+    B = xv.shape[0]
+    logs = {"loss_video": [], "loss_audio": [], "preserve": [], "per_sample": [], "sigma": []}
+    for with_audio in (True, False):
+        rows = (batch["has_audio"] == with_audio).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        sub = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+        inputs = [t[rows] for t in (xv, xa, sv, sa)]
+        block = with_audio or cfg.audio_free != "mask"
+        with contextlib.nullcontext() if block else frozen(parts["audio_adapters"]):
+            v_video, v_audio = predict_av(parts, sub, *inputs, autocast)
+            loss_video = losses.flow_loss(v_video, sub["video_x0"], nv[rows])  # (b,)
+            logs["loss_video"].append(loss_video.detach())
+            loss = loss_video
+            if with_audio:
+                loss_audio = losses.flow_loss(v_audio, sub["audio_x0"], na[rows], sub["audio_mask"])
+                loss = loss + w_audio * loss_audio
+                logs["loss_audio"].append(loss_audio.detach())
+                logs["per_sample"].append(loss_audio.detach())
+                logs["sigma"].append(sa[rows].detach())
+            elif cfg.audio_free == "preserve":
+                with torch.no_grad(), lora.lora_disabled(parts["dit"]):
+                    _, base_audio = predict_av(parts, sub, *inputs, autocast)
+                preserve = losses.masked_mse(v_audio, base_audio, sub["audio_mask"])
+                loss = loss + cfg.preserve_weight * preserve
+                logs["preserve"].append(preserve.detach())
+            if loss.requires_grad:  # mask mode with only audio adapters: nothing to learn from these
+                (loss.sum() / B * scale).backward()
+    out = {k: torch.cat(v).cpu() for k, v in logs.items() if v}
+    out = {k: (v if k in ("per_sample", "sigma") else v.mean()) for k, v in out.items()}
+    out.setdefault("per_sample", torch.zeros(0))
+    out.setdefault("sigma", torch.zeros(0))
+    out["flow"] = out["loss_video"] + w_audio * out.get("loss_audio", 0.0)
+    out.update(sigma_video=sv.mean().cpu(), w_audio=torch.tensor(float(w_audio)),
+               audio_free=(~batch["has_audio"]).sum().cpu().float())
+    if batch["has_audio"].any():
+        out["sigma_audio"] = sa[batch["has_audio"]].mean().cpu()
+    return out
 
 
 class AuxLosses:
@@ -428,10 +558,28 @@ def main(argv=None):
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({**header, "config": config_dict(cfg)}, f, indent=1)
 
-    train_set = data.load_cached(cfg, cfg.manifest, split="train")
-    val_set = data.load_cached(cfg, cfg.val_manifest, split="val") if cfg.val_manifest else None
+    if cfg.av:
+        check_av_config(cfg)
+        train_set = data.PrecomputedDataset(cfg.precomputed, cfg, require_audio=False)
+        val_set = None
+        with_audio = train_set.report["with_audio"] > 0
+        if master:
+            print(f"{train_set.root}: {train_set.report['with_audio']} samples with audio, "
+                  f"{train_set.report['without_audio']} without ({cfg.audio_free} mode)"
+                  + ("" if with_audio else "; no audio at all: no audio or cross-modal adapters"))
+        first = next((i for i, x in enumerate(train_set.samples) if x["audio"] is not None), None)
+        width = (train_set.load(first)["audio"].shape[1] if first is not None
+                 else model_lib.PRESETS[cfg.model].in_channels)  # only sizes a preset model (no ckpt)
+        example = data.collate_av(train_set, [first or 0], cfg, width)
+        collate = lambda idx, epoch, step: data.collate_av(train_set, idx, cfg, parts["dit"].cfg.in_channels)
+    else:
+        train_set = data.load_cached(cfg, cfg.manifest, split="train")
+        val_set = data.load_cached(cfg, cfg.val_manifest, split="val") if cfg.val_manifest else None
+        with_audio = True
+        collate = lambda idx, epoch, step: data.collate(train_set, idx, cfg, epoch=epoch, step=step)
+        example = collate([0], 0, 0)
     sampler = data.BatchSampler(train_set, cfg.global_batch, seed=cfg.seed, source_weights=cfg.sources)
-    parts = build(cfg, device, data.collate(train_set, [0], cfg, epoch=0))
+    parts = build(cfg, device, example, with_audio=with_audio)
     trainable = parts["trainable"]
     params = [p for _, p in trainable]
     if master:
@@ -444,6 +592,8 @@ def main(argv=None):
     opt_params = masters.masters if masters is not None else params
     optimizer = torch.optim.AdamW(opt_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
+    balancer = (losses.EMABalancer(cfg.balancer_target, cfg.balancer_decay, cfg.balancer_min, cfg.balancer_max)
+                if cfg.av and cfg.audio_balancer else None)
     if cfg.best_by not in ("val_loss", "val_spk_sim") or (cfg.best_by == "val_spk_sim" and aux is None):
         raise ValueError(f"config key 'best_by': {cfg.best_by!r} needs to be val_loss, or val_spk_sim in stage "
                          "adaln with aux_losses (its speaker models compute the similarity)")
@@ -461,6 +611,8 @@ def main(argv=None):
         sampler.load_state_dict(ckpt["data"])
         if aux is not None:
             aux.coefs.load_state_dict(ckpt["aux"])
+        if balancer is not None:
+            balancer.load_state_dict(ckpt["balancer"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         step, best_val = ckpt["step"], ckpt["best_val"]
         if master:
@@ -480,7 +632,8 @@ def main(argv=None):
         if master:
             atomic_save({"step": step, "config": config_dict(cfg), "trainable": trainable_state(trainable, masters),
                          "optimizer": optimizer.state_dict(), "data": sampler.state_dict(), "rng": rngs,
-                         "aux": aux.coefs.state_dict() if aux is not None else None, "best_val": best_val,
+                         "aux": aux.coefs.state_dict() if aux is not None else None,
+                         "balancer": balancer.state_dict() if balancer is not None else None, "best_val": best_val,
                          "git": git_hash()}, ckpt_path)
 
     while step < cfg.max_steps:
@@ -492,13 +645,29 @@ def main(argv=None):
         logs_all, n_tokens = [], 0
         for m, micro in enumerate(data.micro_batches(indices, cfg.micro_batch, rank, world)):
             g = rank * grad_accum + m  # global micro-batch index: seeds this micro-batch's σ and noise
-            batch = data.collate(train_set, micro, cfg, epoch=sampler.epoch, step=step)
-            batch = data.to_device(batch, device)
-            loss, logs = micro_loss(cfg, parts, batch, micro_generator(cfg, step, g), autocast, aux)
-            (loss / grad_accum).backward()
+            batch = data.to_device(collate(micro, sampler.epoch, step), device)
+            gen = micro_generator(cfg, step, g)
+            if cfg.av:
+                w_audio = balancer.weight if balancer is not None else cfg.audio_weight
+                logs = av_micro_step(cfg, parts, batch, gen, autocast, w_audio, 1 / grad_accum)
+                n_tokens += int(batch["audio_mask"].sum()) + batch["video_x0"].shape[0] * batch["video_x0"].shape[1]
+            else:
+                loss, logs = micro_loss(cfg, parts, batch, gen, autocast, aux)
+                (loss / grad_accum).backward()
+                n_tokens += int(batch["loss_mask"].sum())
             logs_all.append(logs)
-            n_tokens += int(batch["loss_mask"].sum())
         allreduce_grads(params, world)
+        # balancer EMAs see the step's losses averaged over all micro-batches of all ranks
+        if aux is not None:
+            flow = global_mean([l["flow"] for l in logs_all], world, device)
+            means = {k: global_mean([l[f"aux_{k}"] for l in logs_all if f"aux_{k}" in l], world, device)
+                     for k in aux.coefs.ratios}
+            aux.coefs.update(flow, {k: v for k, v in means.items() if v is not None})
+        if balancer is not None:
+            loss_video = global_mean([l["loss_video"] for l in logs_all], world, device)
+            loss_audio = global_mean([l["loss_audio"] for l in logs_all if "loss_audio" in l], world, device)
+            if loss_audio is not None:
+                balancer.update(loss_video, loss_audio)
         if masters is not None:
             masters.grads_to_masters()
         grad_norm = torch.nn.utils.clip_grad_norm_(opt_params, cfg.grad_clip)
@@ -546,6 +715,19 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def check_av_config(cfg):
+    """The av-mode settings that have no meaning elsewhere, checked before anything loads."""
+    if not cfg.precomputed:
+        raise ValueError("config key 'precomputed': av mode needs the ltx-trainer precomputed dataset directory")
+    if cfg.av_sigma not in ("independent", "shared"):
+        raise ValueError(f"config key 'av_sigma': {cfg.av_sigma!r} is not independent | shared")
+    if cfg.audio_free not in ("mask", "preserve"):
+        raise ValueError(f"config key 'audio_free': {cfg.audio_free!r} is not mask | preserve")
+    if cfg.val_manifest or cfg.best_by != "val_loss":
+        raise ValueError("config keys 'val_manifest' / 'best_by': av mode has no validation set "
+                         "(sample with sample.py --av to judge a run)")
+
+
 def log_step(cfg, step, lr, grad_norm, logs_all, tokens, t0, device, metrics):
     """One line per step to stdout and metrics.jsonl; flow loss also per σ bucket."""
     flow = torch.stack([l["flow"] for l in logs_all]).mean().item()
@@ -554,8 +736,8 @@ def log_step(cfg, step, lr, grad_norm, logs_all, tokens, t0, device, metrics):
     dt = time.perf_counter() - t0
     rec = {"step": step, "loss": round(flow, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
            "step_ms": round(1000 * dt, 1), "tok/s": round(tokens / dt, 1)}
-    for k in logs_all[0]:
-        if k.startswith(("aux_", "coef_")):
+    for k in dict.fromkeys(k for l in logs_all for k in l):  # every scalar log, in first-seen order
+        if k not in ("flow", "per_sample", "sigma"):
             rec[k] = round(torch.stack([l[k] for l in logs_all if k in l]).float().mean().item(), 5)
     if device.type == "cuda":
         rec["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)

@@ -133,17 +133,24 @@ def test_adaptive_coefficients_scripted_sequence():
     coefs = c.update(2.0, {"speaker": float("nan"), "dnsmos": 0.2})
     assert set(coefs) == {"dnsmos"} and coefs["dnsmos"] == pytest.approx(8.6676573)
     assert c.dropped == {"speaker": 1, "dnsmos": 0}
-    # step 3 through combine: flow 1 → ema 0.9975 + 0.05 = 1.0475; speaker 0.3 → ema 0.475 + 0.015
-    # = 0.49, c = (1/12)·1.0475/0.49 = 0.1781463; dnsmos Inf dropped: total = flow + c·speaker only
+    # apply: this step's losses weighted with the coefficients of the EMAs so far (flow 1.05,
+    # speaker 0.5 since its NaN was dropped): c_speaker = (1/12)·1.05/0.5 = 0.175; dnsmos Inf is
+    # dropped and counted, total = flow + c·speaker only
     state = c.state_dict()
     flow = torch.tensor(1.0, requires_grad=True)
     spk = torch.tensor(0.3, requires_grad=True)
-    total, coefs = c.combine(flow, {"speaker": spk, "dnsmos": torch.tensor(float("inf"))})
-    assert coefs == {"speaker": pytest.approx(0.1781463)}
-    assert total.item() == pytest.approx(1.0 + 0.1781463 * 0.3)
+    total, coefs = c.apply(flow, {"speaker": spk, "dnsmos": torch.tensor(float("inf"))})
+    assert coefs == {"speaker": pytest.approx(0.175)}
+    assert total.item() == pytest.approx(1.0 + 0.175 * 0.3)
     total.backward()  # the coefficient is a number: d total / d speaker = c, d total / d flow = 1
-    assert flow.grad.item() == 1.0 and spk.grad.item() == pytest.approx(0.1781463)
+    assert flow.grad.item() == 1.0 and spk.grad.item() == pytest.approx(0.175)
     assert c.dropped == {"speaker": 1, "dnsmos": 1}
+    # step 3's update: flow 1 → ema 0.9975 + 0.05 = 1.0475; speaker 0.3 → ema 0.475 + 0.015 = 0.49,
+    # c = (1/12)·1.0475/0.49 = 0.1781463
+    assert c.update(1.0, {"speaker": 0.3}) == {"speaker": pytest.approx(0.1781463)}
+    # a term without an EMA yet is logged but not in the loss
+    fresh = losses.AdaptiveCoefficients({"speaker": 1 / 12})
+    assert fresh.apply(flow, {"speaker": spk}) == (flow, {})
     # resume: a fresh object loaded from the state continues exactly as the original did
     resumed = losses.AdaptiveCoefficients({"speaker": 1 / 12, "dnsmos": 1 / 12})
     resumed.load_state_dict(state)
@@ -173,10 +180,3 @@ def test_ema_balancer_formula_dampens_boosts_and_resumes():
     resumed = losses.EMABalancer()
     resumed.load_state_dict(state)
     assert [resumed.update(v, a) for v, a in seq] == weights
-    # combine: L = L_video + w_a·L_audio with w_a a number
-    lv, la = torch.tensor(1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
-    fresh = losses.EMABalancer()
-    total, w = fresh.combine(lv, la)
-    assert w == pytest.approx(0.165) and total.item() == pytest.approx(1.0 + 0.165 * 2.0)
-    total.backward()
-    assert la.grad.item() == pytest.approx(0.165)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -97,3 +98,25 @@ def test_lora_stage_bf16_masters_two_processes_equal_one(micro_corpus):
         torch.testing.assert_close(two[k].float(), one[k].float(), rtol=1e-3, atol=1e-5, msg=k)
     # B starts at zero: after 3 steps it has moved in every adapter (the masters kept the updates)
     assert all(one[k].abs().max() > 0 for k in one if k.endswith("lora_B.weight"))
+
+
+def test_stage2_two_processes_equal_one_with_aux_coefficients(micro_corpus):
+    """Stage 2 with the ReFL speaker loss: the adaptive coefficients' EMAs see the step's losses
+    averaged over every micro-batch of every rank, so 2 gloo ranks = 1 process, EMAs included."""
+    work, data_args = micro_corpus
+    base = work / "runs/s2_base/dit.safetensors"
+    run_py([TRAIN, *data_args, *COMMON, "--max_steps=2", "--ckpt_every=100", "--name=s2_base"], cwd=work)
+    args = [*data_args, *COMMON, "--max_steps=3", "--ckpt_every=100", "--device=cpu", "--stage=adaln",
+            f"--ckpt={base}", "--aux_losses=[speaker]", "--aux_ratios={speaker: 0.5}", "--aux_sigma_max=1.0",
+            "--aux_clips=2", "--speaker_dropout=0", "--griffin_lim_iters=2", "--clone_probs=[0,0,1]"]
+    run_py([TRAIN, *args, "--name=s2_one"], cwd=work)
+    run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args, "--name=s2_two"],
+           cwd=work)
+    one = torch.load(work / "runs/s2_one/checkpoint.pt", map_location="cpu", weights_only=False)
+    two = torch.load(work / "runs/s2_two/checkpoint.pt", map_location="cpu", weights_only=False)
+    assert one["aux"]["ema"]["speaker"] is not None and one["aux"]["dropped"] == {"speaker": 0}
+    assert two["aux"]["ema"]["speaker"] == pytest.approx(one["aux"]["ema"]["speaker"], rel=1e-5)
+    assert two["aux"]["ema_flow"] == pytest.approx(one["aux"]["ema_flow"], rel=1e-5)
+    for k, v in one["trainable"].items():
+        torch.testing.assert_close(two["trainable"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert any(v.abs().max() > 0 for k, v in one["trainable"].items() if ".heads." in k)  # the AdaLN learned
