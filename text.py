@@ -42,6 +42,15 @@ CONNECTOR_PRESETS = {
 CONNECTOR_PRESETS.update(ltx23_av=CONNECTOR_PRESETS["ltx23_audio"], tiny_av=CONNECTOR_PRESETS["tiny"],
                          micro_av=CONNECTOR_PRESETS["micro"])
 
+# The joint model's `video_embeddings_connector`, width = the preset's video_cross_attention_dim
+# (LTX-2.3: the official config's connector_* entries, 32 x 128, 8 layers).
+VIDEO_CONNECTOR_PRESETS = {
+    "ltx23_av": dict(heads=32, head_dim=128, layers=8, registers=128, gated=True),
+    "tiny_av": dict(heads=4, head_dim=128, layers=2, registers=16, gated=True),
+    "micro_av": dict(heads=2, head_dim=32, layers=1, registers=8, gated=True),
+}
+STREAMS = ("audio", "video")
+
 REGISTER_LAYOUTS = ("official", "ltx_core_1_0")
 
 # -----------------------------------------------------------------------------------------------
@@ -200,6 +209,7 @@ def left_pad_features(features, max_text_len):
 # checkpoint IO (official key names)
 
 CONNECTOR_PREFIX = "model.diffusion_model.audio_embeddings_connector."
+VIDEO_CONNECTOR_PREFIX = "model.diffusion_model.video_embeddings_connector."
 PROJECTION_PREFIX = "text_embedding_projection."
 
 
@@ -221,7 +231,13 @@ def _load_strict(module, state, path, prefix):
     module.load_state_dict(state, strict=True)
 
 
-def connector_config(transformer_config, state):
+def _stream(stream):
+    if stream not in STREAMS:
+        raise ValueError(f"text connector stream must be one of {STREAMS}, got {stream!r}")
+    return stream
+
+
+def connector_config(transformer_config, state, stream="audio"):
     """TextConnector kwargs from a checkpoint's `transformer` config and its connector tensors.
 
     Width, registers, layers and gating are read from the tensors, and the heads from the gate's
@@ -241,8 +257,13 @@ def connector_config(transformer_config, state):
     registers, dim = state["learnable_registers"].shape
     layers = len({k.split(".")[1] for k in state if k.startswith("transformer_1d_blocks.")})
     gated = "transformer_1d_blocks.0.attn1.to_gate_logits.weight" in state
-    heads = c.get("audio_connector_num_attention_heads", c.get("connector_num_attention_heads"))
-    head_dim = c.get("audio_connector_attention_head_dim", c.get("connector_attention_head_dim"))
+    # the audio connector's audio_connector_* entries win over connector_*, which describe the video one
+    prefixes = ("audio_connector_", "connector_") if _stream(stream) == "audio" else ("connector_",)
+
+    def entry(name, default=None):
+        return next((c[p + name] for p in prefixes if p + name in c), default)
+
+    heads, head_dim = entry("num_attention_heads"), entry("attention_head_dim")
     if gated:
         gate_heads = state["transformer_1d_blocks.0.attn1.to_gate_logits.weight"].shape[0]
         if heads is not None and heads != gate_heads:
@@ -252,7 +273,7 @@ def connector_config(transformer_config, state):
     head_dim = head_dim or dim // heads
     if heads * head_dim != dim:
         raise ValueError(f"text connector: {heads} heads x {head_dim} != width {dim} of learnable_registers")
-    n_cfg = c.get("audio_connector_num_layers", c.get("connector_num_layers", layers))
+    n_cfg = entry("num_layers", layers)
     if n_cfg != layers:
         raise ValueError(f"text connector: config says {n_cfg} layers, the file has {layers} blocks")
     return dict(heads=heads, head_dim=head_dim, layers=layers, registers=registers, max_pos=max_pos[0],
@@ -271,44 +292,50 @@ def connector_metadata(connector):
             "frequencies_precision": "float64" if connector.double_precision_rope else "float32"}
 
 
-def connector_checkpoint_tensors(connector):
+def connector_checkpoint_tensors(connector, stream="audio"):
     """The connector's tensors under their official keys, for saving next to the DiT."""
-    return {CONNECTOR_PREFIX + k: v.detach().contiguous().cpu() for k, v in connector.state_dict().items()}
+    prefix = CONNECTOR_PREFIX if _stream(stream) == "audio" else VIDEO_CONNECTOR_PREFIX
+    return {prefix + k: v.detach().contiguous().cpu() for k, v in connector.state_dict().items()}
 
 
-def load_text_connector(path, *, register_layout="official", device="cpu", dtype=torch.float32):
-    """The `audio_embeddings_connector` of an official LTX-2 / LTX-2.3 safetensors file (or one of ours).
+def load_text_connector(path, *, register_layout="official", device="cpu", dtype=torch.float32, stream="audio"):
+    """The `audio_embeddings_connector` (stream "video": `video_embeddings_connector`) of an official
+    LTX-2 / LTX-2.3 safetensors file (or one of ours).
 
     Sizes come from the tensors and the file's `__metadata__["config"]["transformer"]` (see
     `connector_config`). Missing/unexpected keys raise naming the file.
     """
     _check_file(path)
+    prefix = CONNECTOR_PREFIX if _stream(stream) == "audio" else VIDEO_CONNECTOR_PREFIX
     config = read_checkpoint_config(path).get("transformer", {})
-    state = load_prefixed_state(path, CONNECTOR_PREFIX)
+    state = load_prefixed_state(path, prefix)
     if "learnable_registers" not in state:
-        raise KeyError(f"{path}: missing key {CONNECTOR_PREFIX}learnable_registers")
+        raise KeyError(f"{path}: missing key {prefix}learnable_registers")
     try:
-        kwargs = connector_config(config, state)
+        kwargs = connector_config(config, state, stream)
     except (KeyError, ValueError, NotImplementedError) as e:
         raise type(e)(f"{path}: {e}") from e
     connector = TextConnector(**kwargs, register_layout=register_layout)
-    _load_strict(connector, state, path, CONNECTOR_PREFIX)
+    _load_strict(connector, state, path, prefix)
     return connector.to(device=device, dtype=dtype)
 
 
 def build_text_connector(model, *, ckpt="", dim=None, register_layout="official", device="cpu",
-                         dtype=torch.float32, seed=0):
-    """The audio connector from `ckpt` (official keys) when given, else a seeded random one sized
-    by CONNECTOR_PRESETS[model] (`model` is the config's DiT preset name). `dim`, if given, is
-    the width the caller needs (the text features' width); a mismatch is an error."""
+                         dtype=torch.float32, seed=0, stream="audio"):
+    """The audio (or video) connector from `ckpt` (official keys) when given, else a seeded random
+    one sized by CONNECTOR_PRESETS[model] (VIDEO_CONNECTOR_PRESETS for the video stream; `model` is
+    the config's DiT preset name). `dim`, if given, is the width the caller needs (the text
+    features' width); a mismatch is an error."""
+    presets = CONNECTOR_PRESETS if _stream(stream) == "audio" else VIDEO_CONNECTOR_PRESETS
     if ckpt:
-        connector = load_text_connector(ckpt, register_layout=register_layout, device=device, dtype=dtype)
-    elif model not in CONNECTOR_PRESETS:
-        raise KeyError(f"no text connector preset for model {model!r}; known: {sorted(CONNECTOR_PRESETS)}")
+        connector = load_text_connector(ckpt, register_layout=register_layout, device=device, dtype=dtype,
+                                        stream=stream)
+    elif model not in presets:
+        raise KeyError(f"no {stream} text connector preset for model {model!r}; known: {sorted(presets)}")
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            connector = TextConnector(**CONNECTOR_PRESETS[model], register_layout=register_layout)
+            connector = TextConnector(**presets[model], register_layout=register_layout)
         connector = connector.to(device=device, dtype=dtype)
     width = connector.learnable_registers.shape[1]
     if dim is not None and dim != width:

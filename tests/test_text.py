@@ -282,6 +282,40 @@ def test_official_file_loading(gemma_dir, tmp_path):
         text.load_text_connector(str(tmp_path / "nope.safetensors"))
 
 
+def test_video_connector_from_an_av_file(tmp_path):
+    """An AV file holds both connectors: stream="video" reads `video_embeddings_connector` sized by
+    the connector_* entries (the audio one by audio_connector_*), and equals ltx-core's."""
+    audio_ref, video_ref = _ltx_connector(2, 16, 1, 4, True), _ltx_connector(4, 16, 2, 4, True)
+    tensors = {**{text.CONNECTOR_PREFIX + k: v.contiguous() for k, v in audio_ref.state_dict().items()},
+               **{text.VIDEO_CONNECTOR_PREFIX + k: v.contiguous() for k, v in video_ref.state_dict().items()}}
+    transformer = dict(rope_type="split", frequencies_precision="float64", connector_num_layers=2,
+                       connector_num_attention_heads=4, connector_attention_head_dim=16, audio_connector_num_layers=1,
+                       audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=16,
+                       connector_positional_embedding_max_pos=[4096], connector_apply_gated_attention=True)
+    ckpt = str(tmp_path / "av.safetensors")
+    save_file(tensors, ckpt, metadata={"config": json.dumps({"transformer": transformer})})
+    video = text.build_text_connector("micro_av", ckpt=ckpt, dim=64, register_layout="ltx_core_1_0", stream="video")
+    audio = text.build_text_connector("micro_av", ckpt=ckpt, dim=32, register_layout="ltx_core_1_0")
+    assert len(video.transformer_1d_blocks) == 2 and len(audio.transformer_1d_blocks) == 1
+    x = torch.randn(2, 8, 64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        assert (video(x, mask) - _ref_per_sample(video_ref, x, mask)).abs().max() <= 1e-5
+    saved = text.connector_checkpoint_tensors(video, stream="video")
+    assert all(torch.equal(saved[k], tensors[k]) for k in saved) and saved.keys() <= tensors.keys()
+    # random presets: the video connector is as wide as the AV preset's video text context
+    from model import PRESETS
+
+    for name, kw in text.VIDEO_CONNECTOR_PRESETS.items():
+        assert kw["heads"] * kw["head_dim"] == PRESETS[name].video_cross_attention_dim, name
+    assert text.build_text_connector("micro_av", stream="video").learnable_registers.shape[1] == 64
+    with pytest.raises(ValueError, match="stream"):
+        text.build_text_connector("micro_av", stream="image")
+    with pytest.raises(KeyError, match="no video text connector preset for model 'micro'"):
+        text.build_text_connector("micro", stream="video")
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_connector_save_load_round_trip(tmp_path, gated):
     """Our own files (model.py metadata, with or without connector_metadata) reload exactly."""
