@@ -51,6 +51,13 @@ VIDEO_CONNECTOR_PRESETS = {
 }
 STREAMS = ("audio", "video")
 
+
+def _stream(stream):
+    if stream not in STREAMS:
+        raise ValueError(f"text stream must be one of {STREAMS}, got {stream!r}")
+    return stream
+
+
 REGISTER_LAYOUTS = ("official", "ltx_core_1_0")
 
 # -----------------------------------------------------------------------------------------------
@@ -91,16 +98,18 @@ class TextProjection(nn.Module):
     """`text_embedding_projection`: all Gemma hidden states -> (B, L, dim) features.
 
     version "2.3": per-token RMS norm, `audio_aggregate_embed` (Linear with bias) applied to
-    `x * sqrt(dim / H)`; dim is the audio connector width (2048).
+    `x * sqrt(dim / H)`; dim is the audio connector width (2048). stream "video": the joint
+    model's `video_aggregate_embed`, the same features into the video width (4096).
     version "2.0": per-layer mean/range norm, `aggregate_embed` (no bias), dim = H (3840); the
     19B model projects these inside the transformer (`audio_caption_projection`).
     """
 
-    def __init__(self, hidden_size, n_states, dim, version="2.3"):
+    def __init__(self, hidden_size, n_states, dim, version="2.3", stream="audio"):
         super().__init__()
         self.hidden_size, self.version = hidden_size, version
         if version == "2.3":
-            self.audio_aggregate_embed = nn.Linear(hidden_size * n_states, dim)
+            self.embed_name = f"{_stream(stream)}_aggregate_embed"
+            setattr(self, self.embed_name, nn.Linear(hidden_size * n_states, dim))
         elif version == "2.0":
             self.aggregate_embed = nn.Linear(hidden_size * n_states, dim, bias=False)
         else:
@@ -110,8 +119,8 @@ class TextProjection(nn.Module):
         """hidden_states: tuple of n (B, L, H); mask (B, L) bool -> (B, L, dim)."""
         if self.version == "2.3":
             x = per_token_rms_features(hidden_states, mask)  # (B, L, H*n)
-            dim = self.audio_aggregate_embed.out_features
-            return self.audio_aggregate_embed(x * math.sqrt(dim / self.hidden_size))
+            embed = getattr(self, self.embed_name)
+            return embed(x * math.sqrt(embed.out_features / self.hidden_size))
         return self.aggregate_embed(per_layer_range_features(hidden_states, mask))
 
 
@@ -231,12 +240,6 @@ def _load_strict(module, state, path, prefix):
     module.load_state_dict(state, strict=True)
 
 
-def _stream(stream):
-    if stream not in STREAMS:
-        raise ValueError(f"text connector stream must be one of {STREAMS}, got {stream!r}")
-    return stream
-
-
 def connector_config(transformer_config, state, stream="audio"):
     """TextConnector kwargs from a checkpoint's `transformer` config and its connector tensors.
 
@@ -343,25 +346,26 @@ def build_text_connector(model, *, ckpt="", dim=None, register_layout="official"
     return connector
 
 
-def load_text_projection(path, hidden_size, *, device="cpu", dtype=torch.float32):
+def load_text_projection(path, hidden_size, *, device="cpu", dtype=torch.float32, stream="audio"):
     """`text_embedding_projection` of an official file for a Gemma of width `hidden_size`.
 
-    LTX-2.3 files hold `audio_aggregate_embed` (and a video one, not needed here), LTX-2.0 files
-    `aggregate_embed`; the version follows from which is present.
+    LTX-2.3 files hold `audio_aggregate_embed` and `video_aggregate_embed` (stream "video"), LTX-2.0
+    files `aggregate_embed`; the version follows from which is present.
     """
     _check_file(path)
-    state = load_prefixed_state(path, PROJECTION_PREFIX, keep=lambda k: not k.startswith("video_"))
-    for name, version in (("audio_aggregate_embed", "2.3"), ("aggregate_embed", "2.0")):
+    other = "audio_" if _stream(stream) == "video" else "video_"
+    state = load_prefixed_state(path, PROJECTION_PREFIX, keep=lambda k: not k.startswith(other))
+    for name, version in ((f"{stream}_aggregate_embed", "2.3"), ("aggregate_embed", "2.0")):
         if f"{name}.weight" in state:
             break
     else:
-        raise KeyError(f"{path}: neither {PROJECTION_PREFIX}audio_aggregate_embed.weight (LTX-2.3) nor "
+        raise KeyError(f"{path}: neither {PROJECTION_PREFIX}{stream}_aggregate_embed.weight (LTX-2.3) nor "
                        f"{PROJECTION_PREFIX}aggregate_embed.weight (LTX-2.0) found")
     out_dim, in_dim = state[f"{name}.weight"].shape
     if in_dim % hidden_size:
         raise ValueError(f"{path}: {PROJECTION_PREFIX}{name}.weight takes {in_dim} features, not a multiple "
                          f"of the text encoder's hidden size {hidden_size}")
-    projection = TextProjection(hidden_size, in_dim // hidden_size, out_dim, version)
+    projection = TextProjection(hidden_size, in_dim // hidden_size, out_dim, version, stream=stream)
     _load_strict(projection, state, path, PROJECTION_PREFIX + name)
     return projection.to(device=device, dtype=dtype)
 
@@ -427,9 +431,9 @@ class TextEncoder(nn.Module):
     data cache, see `text_fingerprint`).
     """
 
-    def __init__(self, gemma, tokenize, projection, max_text_len, identity):
+    def __init__(self, gemma, tokenize, projection, max_text_len, identity, video_projection=None):
         super().__init__()
-        self.gemma, self.projection = gemma, projection
+        self.gemma, self.projection, self.video_projection = gemma, projection, video_projection
         self.tokenize, self.max_text_len, self.identity = tokenize, max_text_len, identity
         self.requires_grad_(False).eval()
 
@@ -453,12 +457,22 @@ class TextEncoder(nn.Module):
         hidden_states, mask = self.hidden_states(prompts)
         return self.projection(hidden_states, mask).float(), mask
 
+    @torch.no_grad()
+    def encode_av(self, prompts):
+        """The joint model's features from one Gemma pass: (audio (B, L, Da), video (B, L, Dv), mask)."""
+        if self.video_projection is None:
+            raise ValueError("this text encoder has no video projection: build it with video=True")
+        hidden_states, mask = self.hidden_states(prompts)
+        return (self.projection(hidden_states, mask).float(), self.video_projection(hidden_states, mask).float(),
+                mask)
 
-def build_text_encoder(name_or_path, *, max_text_len, device, dtype, seed=0, ckpt="", dim=None):
+
+def build_text_encoder(name_or_path, *, max_text_len, device, dtype, seed=0, ckpt="", dim=None, video_dim=None):
     """The text encoder: "byte" (tiny random Gemma 3 over bytes) or a local Gemma 3 directory.
 
     The projection (`text_embedding_projection`) is read from `ckpt` (an official LTX-2.3 or 2.0
     safetensors file) when given, else randomly initialised (seeded) with output width `dim`.
+    video_dim (the joint model): also a video projection, read from `ckpt` or random of that width.
     Everything random is drawn from `seed` without touching the global RNG, so the same
     arguments give the same encoder.
     """
@@ -493,8 +507,13 @@ def build_text_encoder(name_or_path, *, max_text_len, device, dtype, seed=0, ckp
             if dim is None:
                 raise ValueError("build_text_encoder: give `ckpt` (official projection weights) or `dim` (random)")
             projection = TextProjection(hidden, n_states, dim).to(device=device, dtype=dtype)
+        video_projection = None
+        if video_dim is not None:
+            video_projection = (load_text_projection(ckpt, hidden, device=device, dtype=dtype, stream="video")
+                                if ckpt else TextProjection(hidden, n_states, video_dim, stream="video"))
+            video_projection = video_projection.to(device=device, dtype=dtype)
     identity = {"gemma": gemma_id, "max_text_len": max_text_len, "dtype": str(dtype), "projection": projection.version}
-    return TextEncoder(gemma, tokenize, projection, max_text_len, identity)
+    return TextEncoder(gemma, tokenize, projection, max_text_len, identity, video_projection)
 
 
 def _dir_signature(path):

@@ -246,6 +246,7 @@ def test_official_file_loading(gemma_dir, tmp_path):
     tensors["text_embedding_projection.audio_aggregate_embed.weight"] = torch.randn(32, 32 * 4)
     tensors["text_embedding_projection.audio_aggregate_embed.bias"] = torch.randn(32)
     tensors["text_embedding_projection.video_aggregate_embed.weight"] = torch.randn(16, 32 * 4)
+    tensors["text_embedding_projection.video_aggregate_embed.bias"] = torch.randn(16)
     tensors["model.diffusion_model.audio_proj_out.bias"] = torch.zeros(128)  # a DiT key: ignored here
     transformer = dict(rope_type="split", frequencies_precision="float64", connector_num_layers=layers,
                        connector_num_attention_heads=32, connector_attention_head_dim=128,
@@ -261,10 +262,16 @@ def test_official_file_loading(gemma_dir, tmp_path):
                             audio_aggregate_embed=torch.nn.Linear(32 * 4, 32))
     fe.audio_aggregate_embed.weight.data.copy_(tensors["text_embedding_projection.audio_aggregate_embed.weight"])
     fe.audio_aggregate_embed.bias.data.copy_(tensors["text_embedding_projection.audio_aggregate_embed.bias"])
+    fe.video_aggregate_embed.weight.data.copy_(tensors["text_embedding_projection.video_aggregate_embed.weight"])
+    fe.video_aggregate_embed.bias.data.copy_(tensors["text_embedding_projection.video_aggregate_embed.bias"])
+    av_enc = text.build_text_encoder(path, max_text_len=16, device="cpu", dtype=torch.float32, ckpt=ckpt, video_dim=16)
     with torch.no_grad():
         hidden, _ = enc.hidden_states(PROMPTS[:2])
-        _, ref_features = fe(hidden, mask.long())
+        ref_video, ref_features = fe(hidden, mask.long())
         assert (features - ref_features).abs().max() <= 1e-5
+        audio_av, video_av, mask_av = av_enc.encode_av(PROMPTS[:2])  # the joint model: both from one pass
+        assert torch.equal(audio_av, features) and torch.equal(mask_av, mask)
+        assert (video_av - ref_video).abs().max() <= 1e-5
         assert (connector(features, mask) - _ref_per_sample(ref, ref_features, mask)).abs().max() <= 1e-5
 
     # a config that contradicts the tensors is refused, naming the file
