@@ -388,6 +388,99 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
 
 
 # -----------------------------------------------------------------------------------------------
+# the joint audio-video model (issue 8): both streams denoised together, video left as latents
+
+VIDEO_SCALE = (8, 32, 32)  # pixels per video latent (time, height, width); 1 + 8k frames
+
+
+def video_latent_shape(frames, height, width):
+    """(F, H, W) latents of a clip of `frames` (1 + 8k) pixel frames of height x width (multiples of 32)."""
+    st, sh, sw = VIDEO_SCALE
+    if (frames - 1) % st or height % sh or width % sw or min(frames, height, width) <= 0:
+        raise ValueError(f"video of {frames} frames at {width}x{height}: frames must be 1 + 8k and the size "
+                         "multiples of 32 (the video VAE's factors)")
+    return (frames - 1) // st + 1, height // sh, width // sw
+
+
+@torch.no_grad()
+def denoise_av(model, video_noise, audio_noise, context, neg_context, *, video_positions, sigmas, cfg=(1.0, 1.0),
+               rescale=0.0, dtype=torch.float32, progress=None):
+    """Euler from noise to (video x0 (B, Tv, Cv), audio x0 (B, Ta, C)), both streams on one σ
+    schedule (as the reference AV pipelines), fp32. context / neg_context: (video, audio) connector
+    outputs. cfg: (video, audio) scales (the LTX-2.3 pipelines guide video at 3 and audio at 7); when
+    either is not 1 the negative-prompt pass joins the same forward (batch 2B); guidance and
+    rescale per stream as `guided_x0`."""
+    B = video_noise.shape[0]
+    passes = ["cond"] + (["uncond"] if tuple(cfg) != (1.0, 1.0) else [])
+    P = len(passes)
+    ctx_video = torch.cat([neg_context[0] if p == "uncond" else context[0] for p in passes]).to(dtype)
+    ctx_audio = torch.cat([neg_context[1] if p == "uncond" else context[1] for p in passes]).to(dtype)
+    positions = torch.cat([video_positions] * P)
+    xv, xa = video_noise.float(), audio_noise.float()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        sig = torch.full((P * B,), sigma, device=xv.device)
+        xv_in, xa_in = torch.cat([xv] * P), torch.cat([xa] * P)
+        vv, va = model.forward_av(xv_in.to(dtype), xa_in.to(dtype), sig, sig, ctx_video, ctx_audio,
+                                  video_positions=positions)
+        out = []
+        for x, x_in, v, scale in ((xv, xv_in, vv, cfg[0]), (xa, xa_in, va, cfg[1])):
+            x0 = (x_in - sigma * v.float()).view(P, B, *x.shape[1:])
+            pred = guided_x0(x0[0], x0[1] if P > 1 else None, cfg=scale, rescale=rescale)
+            out.append(x + (x - pred) / sigma * (sigma_next - sigma))
+        xv, xa = out
+        if progress is not None:
+            progress.update(1)
+    return xv, xa
+
+
+@torch.no_grad()
+def sample_av(model, codec, text_encoder, connectors, prompts, *, seeds, frames=97, height=192, width=192, fps=24.0,
+              steps=30, cfg=(3.0, 7.0), rescale=0.0, device="cpu", dtype=torch.float32, negative_prompt="",
+              shift_tokens=None):
+    """Joint audio-video samples, one per (prompt, seed) item: a list of (waveform (C, N) at
+    codec.output_rate, video latents (C, F, H, W)). connectors: (video, audio) text connectors;
+    cfg: (video, audio) guidance scales.
+    The audio lasts as long as the video, round(25 · frames / fps) latents (the reference's rule).
+    Each item's noise (audio, then video) comes from its own seed; items run one prompt at a time."""
+    F, H, W = video_latent_shape(frames, height, width)
+    Ta = n_latent_tokens(frames / fps)
+    Cv, Ca = model.cfg.video_in_channels, model.cfg.in_channels
+    from model import video_positions
+
+    out = []
+    for prompt in dict.fromkeys(prompts):
+        idx = [i for i, p in enumerate(prompts) if p == prompt]
+        gens = [torch.Generator().manual_seed(int(seeds[i])) for i in idx]
+        audio_noise = torch.stack([torch.randn(Ta, Ca, generator=g) for g in gens]).to(device)
+        video_noise = torch.stack([torch.randn(F * H * W, Cv, generator=g) for g in gens]).to(device)
+        audio_feats, video_feats, mask = text_encoder.encode_av([prompt, negative_prompt])
+        ctx_video = connectors[0](video_feats.to(device), mask.to(device)).float()
+        ctx_audio = connectors[1](audio_feats.to(device), mask.to(device)).float()
+        rep = lambda t: t.expand(len(idx), -1, -1)  # noqa: E731
+        xv, xa = denoise_av(model, video_noise, audio_noise, (rep(ctx_video[:1]), rep(ctx_audio[:1])),
+                            (rep(ctx_video[1:]), rep(ctx_audio[1:])),
+                            video_positions=video_positions(F, H, W, len(idx), fps=fps, device=device),
+                            sigmas=ltx2_sigmas(steps, shift_tokens), cfg=cfg, rescale=rescale, dtype=dtype)
+        wavs = codec.decode(xa).float().cpu()
+        latents = xv.view(len(idx), F, H, W, Cv).permute(0, 4, 1, 2, 3).cpu()  # tokens (f, h, w) -> [C, F, H, W]
+        out += [(i, (wavs[j], latents[j])) for j, i in enumerate(idx)]
+    return [item for _, item in sorted(out, key=lambda t: t[0])]
+
+
+def video_decode_hint():
+    """How to turn the written video latents into pixels: ltx-core's video VAE, when installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ltx_core") is None:
+        return ("video latents written; decoding them to pixels needs ltx-core (pip install ltx-core) and the "
+                "checkpoint's video VAE: this repository only generates them")
+    return ("video latents written; ltx-core is installed: decode with ltx_core.model.video_vae.decode_video("
+            "torch.load(path)['latents'][None], decoder), the decoder built by VideoDecoderConfigurator from the "
+            "same checkpoint's vae.* weights and config")
+
+
+# -----------------------------------------------------------------------------------------------
 # command line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -446,6 +539,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="output wav (one prompt and one seed)")
     p.add_argument("--out_dir", default="samples", help="output directory otherwise")
     add_guidance_args(p)
+    av = p.add_argument_group("audio-video mode (the joint LTX-2 model; writes the audio and the video latents)")
+    av.add_argument("--av", action="store_true", help="sample audio and video together from an AV checkpoint")
+    av.add_argument("--frames", type=int, default=97, help="video frames, 1 + 8k (97: ~4 s at 24 fps)")
+    av.add_argument("--size", default="192x192", help="video WIDTHxHEIGHT in pixels, multiples of 32")
+    av.add_argument("--fps", type=float, default=24.0)
+    av.add_argument("--video_cfg", type=float, default=3.0, help="CFG scale of the video stream (--cfg: audio's)")
     return p.parse_args(argv)
 
 
@@ -546,6 +645,52 @@ def load_pipeline(args, device, dtype):
     return model, codec, text_encoder, connector.eval(), adaln, speaker
 
 
+def load_pipeline_av(args, device, dtype):
+    """(model, codec, text_encoder with both projections, (video, audio) connectors) for --av."""
+    import text
+    from codec import codec_from_config
+    from model import load_dit
+
+    _check_file(args.ckpt, "--ckpt")
+    if args.full_ckpt:
+        _check_file(args.full_ckpt, "--full_ckpt")
+    cfg = run_config(args)
+    try:
+        model = load_dit(args.ckpt, av=True, device=device, dtype=dtype, strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--ckpt {args.ckpt}: --av needs an audio-video (LTX-2 / LTX-2.3 AV) checkpoint:\n{e}") from e
+    if args.lora:
+        from lora import load_lora
+
+        _check_file(args.lora, "--lora")
+        load_lora(model, args.lora)
+    model.eval()
+    codec = codec_from_config(cfg).to(device).eval()
+    text_ckpt = cfg.text_ckpt or (args.full_ckpt or "")
+    text_encoder = text.build_text_encoder(
+        cfg.text_encoder, max_text_len=cfg.max_text_len, device=device, seed=cfg.seed, ckpt=text_ckpt,
+        dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32,
+        dim=None if text_ckpt else model.cfg.cross_attention_dim,
+        video_dim=None if text_ckpt else model.cfg.video_cross_attention_dim)
+    connectors = []
+    for stream in ("video", "audio"):
+        for path in (args.ckpt, args.full_ckpt):
+            if path:
+                try:
+                    connectors.append(text.load_text_connector(path, register_layout=cfg.register_layout,
+                                                               device=device, stream=stream).eval())
+                    break
+                except (KeyError, ValueError):
+                    continue
+        else:
+            raise ValueError(f"no {stream}_embeddings_connector.* in --ckpt {args.ckpt}"
+                             + (f" or --full_ckpt {args.full_ckpt}" if args.full_ckpt else "; give --full_ckpt"))
+    if codec.latent_dim != model.cfg.in_channels:
+        raise ValueError(f"--ckpt {args.ckpt} takes {model.cfg.in_channels} audio latent features, the codec gives "
+                         f"{codec.latent_dim}: give the run's --config (or --full_ckpt for official weights)")
+    return model, codec, text_encoder, tuple(connectors)
+
+
 def load_adaln_file(path, model):
     """A SpeakerAdaLNZero from a train.py `adaln.pt` (any dict holding its state dict), sized from the
     tensors themselves; raises naming the file when it does not fit `model`."""
@@ -604,6 +749,8 @@ def main(argv=None):
         check_reference(args.ref)
     device = resolve_device(args.device)
     dtype = compute_dtype(device, args.dtype)
+    if args.av:
+        return main_av(args, prompts, seeds, device, dtype)
     t0 = time.time()
     model, codec, text_encoder, connector, adaln, speaker = load_pipeline(args, device, dtype)
     kwargs = sample_kwargs(args, device)
@@ -629,6 +776,44 @@ def main(argv=None):
             json.dump(meta, f, indent=2, default=str)
         print(f"wrote {path} ({meta['duration_s']:.2f} s)")
     print(f"sampled {audio_seconds:.1f} s of audio in {seconds:.1f} s (real-time factor {seconds / audio_seconds:.2f})")
+
+
+def main_av(args, prompts, seeds, device, dtype):
+    """sample.py --av: per item a WAV, `<name>.video_latents.pt` (ltx-trainer's latents/ layout) and a
+    JSON sidecar."""
+    import soundfile as sf
+
+    if args.ref or args.adaln:
+        raise SystemExit("--av samples without a speaker reference (--ref / --adaln are for the audio-only model)")
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--size {args.size!r}: give WIDTHxHEIGHT in pixels, e.g. 192x192") from None
+    F, H, W = video_latent_shape(args.frames, height, width)  # fail before loading anything
+    t0 = time.time()
+    model, codec, text_encoder, connectors = load_pipeline_av(args, device, dtype)
+    items = [(p, s) for p in prompts for s in seeds]
+    t1 = time.time()
+    results = sample_av(model, codec, text_encoder, connectors, [p for p, _ in items], seeds=[s for _, s in items],
+                        frames=args.frames, height=height, width=width, fps=args.fps, steps=args.steps,
+                        cfg=(args.video_cfg, args.cfg),
+                        rescale=args.rescale, device=device, dtype=dtype, negative_prompt=args.negative_prompt,
+                        shift_tokens=args.shift_tokens or None)
+    settings = dict(vars(args), dtype=str(dtype), output_rate=codec.output_rate, load_seconds=round(t1 - t0, 2),
+                    sample_seconds=round(time.time() - t1, 2), video_latent_shape=[F, H, W])
+    out_dir = os.path.dirname(args.out) if args.out else args.out_dir
+    os.makedirs(out_dir or ".", exist_ok=True)
+    for k, ((prompt, seed), (wav, latents)) in enumerate(zip(items, results)):
+        path = args.out or os.path.join(args.out_dir, f"{k // len(seeds):03d}_seed{seed}.wav")
+        stem = os.path.splitext(path)[0]
+        sf.write(path, wav.T.numpy(), codec.output_rate)
+        torch.save({"latents": latents.contiguous(), "num_frames": F, "height": H, "width": W, "fps": args.fps},
+                   stem + ".video_latents.pt")
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(settings, prompt=prompt, seed=seed, duration_s=wav.shape[-1] / codec.output_rate,
+                           video_latents=stem + ".video_latents.pt"), f, indent=2, default=str)
+        print(f"wrote {path} and {stem}.video_latents.pt")
+    print(video_decode_hint())
 
 
 if __name__ == "__main__":
