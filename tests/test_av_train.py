@@ -163,15 +163,19 @@ def base_checkpoint(path):
     return path
 
 
-def _run(root, name, extra=(), check=True):
+def _args(root, name, extra=()):
+    """train.py arguments of a small av run on the dataset at `root` (its base checkpoint beside it)."""
     base = root.parent / "base.safetensors"
     if not base.exists():
         base_checkpoint(base)
-    args = [TRAIN, "--av=true", f"--precomputed={root}", f"--ckpt={base}", "--stage=lora", "--lora_rank=4",
+    return [TRAIN, "--av=true", f"--precomputed={root}", f"--ckpt={base}", "--stage=lora", "--lora_rank=4",
             "--lora_alpha=4", "--max_text_len=16", "--dtype=fp32", "--device=cpu", "--global_batch=2",
             "--micro_batch=1", "--max_steps=4", "--ckpt_every=100", "--lr=1e-2", "--log_every=1",
             f"--name={name}", "--sigma_sampler=uniform", *extra]
-    return run_py(args, cwd=root.parent, check=check)
+
+
+def _run(root, name, extra=(), check=True):
+    return run_py(_args(root, name, extra), cwd=root.parent, check=check)
 
 
 def test_av_run_balancer_resumes_and_no_audio_run(tmp_path):
@@ -219,3 +223,21 @@ def test_av_config_errors(tmp_path):
                            (["--ckpt=", "--model=micro"], "audio-video preset")]:
         proc = _run(root, "bad", extra, check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_av_two_processes_equal_one(tmp_path):
+    """Hand-written DDP in av mode: 2 gloo ranks = 1 process with 2 micro-steps, the balancer's
+    EMAs included (they see the step's losses averaged over every micro-batch of every rank)."""
+    root = fake_av_dataset(tmp_path / "ds")
+    extra = ["--lora_targets=[audio_v2a,attn1]", "--audio_balancer=true", "--balancer_decay=0.5", "--max_steps=3",
+             "--audio_free=preserve"]
+    _run(root, "one", extra)
+    args = _args(root, "two", extra)
+    run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args], cwd=root.parent)
+    one = torch.load(root.parent / "runs/one/checkpoint.pt", weights_only=False)
+    two = torch.load(root.parent / "runs/two/checkpoint.pt", weights_only=False)
+    for k in ("ema_video", "ema_audio", "weight"):
+        assert two["balancer"][k] == pytest.approx(one["balancer"][k], rel=1e-5), k
+    for k, v in one["trainable"].items():
+        torch.testing.assert_close(two["trainable"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert any(v.abs().max() > 0 for k, v in one["trainable"].items() if "lora_B" in k)
