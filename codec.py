@@ -674,6 +674,19 @@ class LTXAudioCodec(nn.Module):
         mel = self.audio_vae.decode(latents.to(dtype), self.grad_checkpointing)  # (B, 2, 4T-3, 64)
         return self.vocoder(mel, self.grad_checkpointing)
 
+    def decode_16k(self, latents):
+        """(B, T, latent_dim) -> (B, 2, N) at 16 kHz, differentiable: what the ReFL scorers take.
+
+        LTX-2.3's vocoder makes 16 kHz first and extends the bandwidth to 48 kHz after; the scorers
+        only hear up to 8 kHz, so this stops before the extension (its generator, mel and x3
+        resampler cost more than the 16 kHz vocoder's last stages). Other vocoders are resampled.
+        """
+        if not isinstance(self.vocoder, VocoderWithBWE):
+            return resample(self.decode(latents), self.output_rate, 16000)
+        dtype = next(self.vocoder.parameters()).dtype
+        mel = self.audio_vae.decode(latents.to(dtype), self.grad_checkpointing)
+        return resample(self.vocoder.vocoder(mel, self.grad_checkpointing), self.vocoder.input_rate, 16000)
+
     def settings(self):
         """What, besides the weights, determines `encode`'s output (for `codec_fingerprint`)."""
         return {"codec": "ltx", "audio_vae": self.config["audio_vae"]}
@@ -733,6 +746,10 @@ class MelCodec(nn.Module):
         wav = AF.griffinlim(mag, window, self.n_fft, self.hop_length, self.n_fft, power=1.0,
                             n_iter=self.griffin_lim_iters, momentum=0.99, length=None, rand_init=False)
         return wav[:, None]
+
+    def decode_16k(self, latents):
+        """`decode` at 16 kHz (the ReFL scorers' rate)."""
+        return resample(self.decode(latents), self.output_rate, 16000)
 
     def settings(self):
         """What determines `encode`'s output (for `codec_fingerprint`)."""

@@ -396,8 +396,7 @@ class AuxLosses:
         clips = []
         for i in idx:
             tokens = x0_hat[i][batch["loss_mask"][i]][None]  # (1, T_target, F): no reference, no padding
-            wav = self.codec.decode(tokens.float()).mean(1)  # (1, N) mono at the codec's rate
-            clips.append(codec_lib.resample(wav, self.codec.output_rate, 16000)[0])
+            clips.append(self.codec.decode_16k(tokens.float()).mean(1)[0])  # (N,) mono at 16 kHz
         return clips
 
     def losses(self, batch, x_t, v_pred, sigma):

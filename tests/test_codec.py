@@ -125,6 +125,24 @@ def test_parity_with_ltx_core(pair):
     assert mine.channels == 2 and mine.tokens_per_second == 25
 
 
+def test_decode_16k_is_what_the_scorers_hear(pair):
+    """2.3: the 16 kHz vocoder's own output (ltx-core's `VocoderWithBWE.vocoder`), before the
+    bandwidth extension; 2.0: the 24 kHz decode resampled. Differentiable either way."""
+    version, (_, dec, voc), mine = pair
+    torch.manual_seed(2)
+    latent = torch.randn(2, 8, mine.latent_dim, requires_grad=True)
+    out = mine.decode_16k(latent)
+    with torch.no_grad():
+        z, bins = mine.audio_vae.z_channels, mine.audio_vae.latent_bins
+        ref_latent = latent.detach().unflatten(2, (z, bins)).permute(0, 2, 1, 3)  # (B, z, T, bins): c*bins + f
+        mel = dec(ref_latent)
+        want = voc.vocoder(mel) if version == "2.3" else codec.resample(voc(mel), 24000, 16000)
+    assert out.shape == want.shape == (2, 2, (4 * 8 - 3) * 160)
+    assert (out - want).abs().max() <= 1e-4
+    out.square().mean().backward()
+    assert torch.isfinite(latent.grad).all() and latent.grad.abs().max() > 0
+
+
 def test_mono_is_duplicated_to_stereo(pair):
     _, (enc, _, _), mine = pair
     mono = 0.1 * torch.randn(1, 1, 4000)
