@@ -100,6 +100,7 @@ class Config:
     aux_sigma_max: float = 0.4
     aux_max_seconds: float = 10.0
     aux_clips: int = 1  # clips decoded per micro-batch for the auxiliary losses
+    aux_crop_seconds: float = 4.0  # decode and score only the middle this-many seconds of a clip (0 = all)
     val_spk_sigma: float = 0.3  # σ of the one-step x0̂ whose speaker similarity validation reports
     best_by: str = "val_loss"  # val_loss | val_spk_sim (stage 2 with auxiliary models): picks *_best
     # --- audio-video mode (train.py `av`; data.PrecomputedDataset, model.forward_av) --------

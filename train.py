@@ -374,7 +374,10 @@ class AuxLosses:
     """Stage-2 ReFL losses: one-step x0̂ = x_t − σ·v̂ decoded through the frozen codec and scored.
 
     Gated to σ < aux_sigma_max and clips ≤ aux_max_seconds; at most `aux_clips` clips per
-    micro-batch are decoded (decoder and scorers gradient-checkpointed) to bound the cost.
+    micro-batch are decoded (decoder and scorers gradient-checkpointed), and of each only the
+    middle `aux_crop_seconds` (a speaker embedding and a DNSMOS score need a few seconds, and at
+    the official size the 16 kHz vocoder's backward is the dominant cost, linear in the length:
+    benchmarks/bench_stage2_scale.py).
     """
 
     def __init__(self, cfg, device):
@@ -394,8 +397,12 @@ class AuxLosses:
     def decode16(self, x0_hat, batch, idx):
         """Target tokens of items `idx` decoded to mono 16 kHz clips (a list of (N,) tensors)."""
         clips = []
+        crop = round(self.cfg.aux_crop_seconds * self.codec.tokens_per_second)
         for i in idx:
             tokens = x0_hat[i][batch["loss_mask"][i]][None]  # (1, T_target, F): no reference, no padding
+            if 0 < crop < tokens.shape[1]:
+                start = (tokens.shape[1] - crop) // 2
+                tokens = tokens[:, start:start + crop]
             clips.append(self.codec.decode_16k(tokens.float()).mean(1)[0])  # (N,) mono at 16 kHz
         return clips
 

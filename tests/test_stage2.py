@@ -90,3 +90,16 @@ def test_validation_reports_speaker_similarity(micro_corpus):
     out = train.validate(cfg, parts, val_set, torch.device("cpu"), contextlib.nullcontext(), aux)
     assert set(out) == {"val_loss", "val_spk_sim"}
     assert -1.0 <= out["val_spk_sim"] <= 1.0 and out["val_loss"] > 0
+
+
+def test_refl_decodes_the_middle_crop(micro_corpus):
+    """aux_crop_seconds: only the middle of a long clip is decoded and scored."""
+    cfg, parts, batch = _stage2_parts(micro_corpus, ["--aux_crop_seconds=0.2"])
+    aux = train.AuxLosses(cfg, torch.device("cpu"))
+    x0 = torch.randn(1, 40, batch["x0"].shape[-1])
+    crop_batch = {"loss_mask": torch.ones(1, 40, dtype=torch.bool)}
+    (clip,) = aux.decode16(x0, crop_batch, [0])
+    want = aux.codec.decode_16k(x0[:, 17:22]).mean(1)[0]  # 0.2 s = 5 tokens, centred in 40
+    assert torch.equal(clip, want)
+    whole = train.AuxLosses(load_config([*micro_corpus[1], *MICRO, "--aux_crop_seconds=0"]), torch.device("cpu"))
+    assert whole.decode16(x0, crop_batch, [0])[0].shape[0] > clip.shape[0] * 7
