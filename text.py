@@ -284,11 +284,14 @@ def connector_config(transformer_config, state, stream="audio"):
                 double_precision_rope=c.get("frequencies_precision") == "float64")
 
 
-def connector_metadata(connector):
-    """The transformer-config entries that describe `connector` (merge them into a file's config)."""
+def connector_metadata(connector, stream="audio"):
+    """The transformer-config entries that describe `connector` (merge them into a file's config);
+    the video connector's sizes go under the official connector_* keys, the audio one's under
+    audio_connector_*. Registers, RoPE and gating are one set of keys shared by both."""
     attn = connector.transformer_1d_blocks[0].attn1
-    return {"audio_connector_num_attention_heads": attn.heads, "audio_connector_attention_head_dim": attn.head_dim,
-            "audio_connector_num_layers": len(connector.transformer_1d_blocks),
+    p = "audio_connector_" if _stream(stream) == "audio" else "connector_"
+    return {p + "num_attention_heads": attn.heads, p + "attention_head_dim": attn.head_dim,
+            p + "num_layers": len(connector.transformer_1d_blocks),
             "connector_num_learnable_registers": connector.learnable_registers.shape[0],
             "connector_positional_embedding_max_pos": [connector.max_pos],
             "connector_apply_gated_attention": attn.to_gate_logits is not None,

@@ -311,6 +311,19 @@ def test_video_connector_from_an_av_file(tmp_path):
         assert (video(x, mask) - _ref_per_sample(video_ref, x, mask)).abs().max() <= 1e-5
     saved = text.connector_checkpoint_tensors(video, stream="video")
     assert all(torch.equal(saved[k], tensors[k]) for k in saved) and saved.keys() <= tensors.keys()
+    # our own AV file: both connectors and their metadata side by side reload as they were
+    meta = {**text.connector_metadata(audio), **text.connector_metadata(video, stream="video")}
+    assert meta["connector_num_layers"] == 2 and meta["audio_connector_num_layers"] == 1
+    ours = str(tmp_path / "ours.safetensors")
+    save_file({**text.connector_checkpoint_tensors(audio), **saved}, ours,
+              metadata={"config": json.dumps({"transformer": {"rope_type": "split", **meta}})})
+    for stream, connector in (("video", video), ("audio", audio)):
+        back = text.load_text_connector(ours, register_layout="ltx_core_1_0", stream=stream)
+        assert back.state_dict().keys() == connector.state_dict().keys()
+        assert all(torch.equal(v, connector.state_dict()[k]) for k, v in back.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(back(x[..., :back.learnable_registers.shape[1]], mask),
+                               connector(x[..., :back.learnable_registers.shape[1]], mask))
     # random presets: the video connector is as wide as the AV preset's video text context
     from model import PRESETS
 
