@@ -595,10 +595,8 @@ def run_config(args):
     return apply_overrides(cfg, overrides, "sample.py flags")
 
 
-def load_pipeline(args, device, dtype):
-    """(model, codec, text_encoder, connector, adaln, speaker) from parsed CLI arguments."""
-    import data
-    import text
+def load_dit_from_args(args, device, dtype, av=False):
+    """(run config, DiT in eval mode with --lora applied) from the CLI flags; clear errors naming the files."""
     from model import load_dit
 
     _check_file(args.ckpt, "--ckpt")
@@ -606,15 +604,25 @@ def load_pipeline(args, device, dtype):
         _check_file(args.full_ckpt, "--full_ckpt")
     cfg = run_config(args)
     try:
-        model = load_dit(args.ckpt, device=device, dtype=dtype, strict=True)
+        model = load_dit(args.ckpt, av=av, device=device, dtype=dtype, strict=True)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"--ckpt {args.ckpt}: not a DiT checkpoint this model can load:\n{e}") from e
+        want = "--av needs an audio-video (LTX-2 / LTX-2.3 AV) checkpoint" if av else \
+            "not a DiT checkpoint this model can load"
+        raise ValueError(f"--ckpt {args.ckpt}: {want}:\n{e}") from e
     if args.lora:
         from lora import load_lora
 
         _check_file(args.lora, "--lora")
         load_lora(model, args.lora)  # raises when its keys match no module of the model
-    model.eval()
+    return cfg, model.eval()
+
+
+def load_pipeline(args, device, dtype):
+    """(model, codec, text_encoder, connector, adaln, speaker) from parsed CLI arguments."""
+    import data
+    import text
+
+    cfg, model = load_dit_from_args(args, device, dtype)
     codec, text_encoder, speaker, _ = data.load_models(cfg, torch.device(device))
     connector = None
     for path in (args.ckpt, args.full_ckpt):  # a train.py DiT file carries its connector; else the full file
@@ -649,22 +657,8 @@ def load_pipeline_av(args, device, dtype):
     """(model, codec, text_encoder with both projections, (video, audio) connectors) for --av."""
     import text
     from codec import codec_from_config
-    from model import load_dit
 
-    _check_file(args.ckpt, "--ckpt")
-    if args.full_ckpt:
-        _check_file(args.full_ckpt, "--full_ckpt")
-    cfg = run_config(args)
-    try:
-        model = load_dit(args.ckpt, av=True, device=device, dtype=dtype, strict=True)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"--ckpt {args.ckpt}: --av needs an audio-video (LTX-2 / LTX-2.3 AV) checkpoint:\n{e}") from e
-    if args.lora:
-        from lora import load_lora
-
-        _check_file(args.lora, "--lora")
-        load_lora(model, args.lora)
-    model.eval()
+    cfg, model = load_dit_from_args(args, device, dtype, av=True)
     codec = codec_from_config(cfg).to(device).eval()
     text_ckpt = cfg.text_ckpt or (args.full_ckpt or "")
     text_encoder = text.build_text_encoder(
