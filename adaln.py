@@ -1,6 +1,6 @@
 """SpeakerAdaLNZero: reference-speaker features -> per-block modulation deltas for the audio DiT.
 
-LAIONBox stage 2 (SPEC §6): a small MLP maps the speaker feature vector of the reference audio to
+LAIONBox v0.4 stage 2 (its model card): a small MLP maps the speaker feature vector of the reference audio to
 one delta per transformer block, added to that block's timestep modulation `temb` (all rows:
 shift/scale/gate of attn1, ff and the text query). The DiT takes them as
 `AudioDiT.forward(..., block_deltas=(B, num_layers, rows*D))`.

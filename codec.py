@@ -8,7 +8,7 @@ Two codecs with one interface (`sample_rate`, `output_rate`, `channels`, `latent
   vocoder: LTX-2.3 BigVGAN-style with SnakeBeta + bandwidth extension to 48 kHz, or LTX-2.0
   HiFi-GAN-style at 24 kHz, chosen by the checkpoint metadata. Module and buffer names equal the
   official checkpoint's `audio_vae.*` / `vocoder.*` keys, so the state dict loads strictly.
-  Checked against ltx-core 1.0.0 in tests/test_codec.py (SPEC §4).
+  Checked against ltx-core 1.0.0 in tests/test_codec.py.
 - `MelCodec`: normalised log-mel frames grouped 4 to a token (25 tokens/s), decoded by a
   pseudo-inverse mel filterbank + Griffin-Lim. No weights; for small and CPU runs.
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16000  # the codec's and the speaker extractors' rate (SPEC §4, §6)
+SAMPLE_RATE = 16000  # the codec's and the speaker extractors' rate (both take 16 kHz)
 MIN_SECONDS, MAX_SECONDS = 1.0, 4.0
 SOURCE = "espeak"
 SPLITS = ("train", "val", "judge")

@@ -19,7 +19,7 @@ latent of silence, the text features of the empty prompt) and `index.json`. Ever
 in its metadata the hash of the settings and model fingerprints that made it and the size/mtime of
 its source files; `prepare` re-encodes whenever either differs instead of reusing a stale entry.
 
-DramaBox format (SPEC §5): each training example is voice-clone *forward* (target = the item,
+DramaBox format (its voice-clone IC-LoRA training mix): each training example is voice-clone *forward* (target = the item,
 reference = another utterance of its speaker or its `ref_audio`), *reverse* (the two roles
 swapped), or *unconditional* (no reference), with probabilities `clone_probs`. The reference is
 appended after the target as clean tokens (σ = 0, excluded from the loss) whose positions start
@@ -52,7 +52,7 @@ from text import left_pad_features
 
 CACHE_VERSION = 2  # bump when the layout of a cache entry changes
 SILENT_PEAK = 1e-4  # a clip whose peak is below -80 dBFS is treated as silent (no usable speech)
-SPEAKER_SAMPLE_RATE = 16000  # speaker extractors take 16 kHz mono (SPEC §6)
+SPEAKER_SAMPLE_RATE = 16000  # speaker extractors take 16 kHz mono (WavLM-SV and co. are 16 kHz models)
 REF_PEAK = 10 ** (-4.0 / 20)  # speaker features see references peak-normalised to -4 dBFS (DramaBox)
 MANIFEST_KEYS = {"audio", "text", "speaker", "ref_audio", "source", "id"}
 MODES = ("forward", "reverse", "uncond")

@@ -214,7 +214,7 @@ def load_judge(path):
 
 @functools.lru_cache(maxsize=None)
 def _codec_mel(n_iter):
-    """The codec's mel (SPEC §4: n_fft 1024, hop 160, 64 Slaney bins, power 1), its least-squares
+    """The codec's mel (the LTX audio VAE's input: n_fft 1024, hop 160, 64 Slaney bins, power 1), its least-squares
     inverse onto the linear spectrogram, and Griffin-Lim with `n_iter` iterations."""
     to_mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=1024, hop_length=160, n_mels=64,
                                                   power=1.0, norm="slaney", mel_scale="slaney")

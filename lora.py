@@ -12,7 +12,7 @@ submodules, so the model's state dict holds the official keys plus
 `transformer_blocks.N.<module>.lora_A.weight` — the saved layout without its `diffusion_model.`
 prefix.
 
-File layout (SPEC §7, what ComfyUI and ltx-core read): `diffusion_model.<module>.lora_A.weight`
+File layout (what ComfyUI and ltx-core read): `diffusion_model.<module>.lora_A.weight`
 [r, in] and `.lora_B.weight` [out, r]. ltx-core's fuser computes `B @ A` and ignores alpha, while
 ComfyUI multiplies by alpha/r only when a `<module>.alpha` key exists; so alpha/r is folded into
 B on save and no `.alpha` key is written, and both apply the adapter at the trained strength.
@@ -35,7 +35,7 @@ PRESETS = {
     "attn_all": ["to_q", "to_k", "to_v", "to_out.0"],  # every attention, video and cross-modal included
     "laionbox": ["audio_attn1", "audio_ff"],  # LAIONBox v0.4 stage 1 (run 7)
 }
-# Never adapted, whatever the patterns say: per-head gate logits gave NaNs in ai-toolkit (SPEC §7);
+# Never adapted, whatever the patterns say: per-head gate logits gave NaNs in ai-toolkit's LTX-2 LoRAs;
 # patchify/proj_out, AdaLN and the text path carry the conditioning the adapters build on.
 EXCLUDED_PARTS = ("to_gate_logits", "connector", "patchify_proj", "proj_out", "adaln_single",
                   "caption_projection", "aggregate_embed")

@@ -1,9 +1,9 @@
 """Losses and their bookkeeping, as pure functions and small state objects (no model imports).
 
-Flow matching (SPEC §5): `x_t = (1-σ) x0 + σ ε`, the model predicts `v = ε - x0`, the loss is the
+Flow matching (as ltx-trainer trains LTX-2): `x_t = (1-σ) x0 + σ ε`, the model predicts `v = ε - x0`, the loss is the
 masked MSE over tokens × channels per sample. σ comes from the ltx-trainer sampler. Balancing:
-`AdaptiveCoefficients` scales the stage-2 auxiliary losses against the flow loss (LAIONBox, SPEC §6);
-`EMABalancer` weighs audio against video in the joint model (ai-toolkit PR #720, SPEC §7).
+`AdaptiveCoefficients` scales the stage-2 auxiliary losses against the flow loss (LAIONBox);
+`EMABalancer` weighs audio against video in the joint model (ai-toolkit PR #720).
 """
 
 import math
@@ -106,7 +106,7 @@ def _finite(x):
 
 
 class AdaptiveCoefficients:
-    """EMA-balanced weights of auxiliary losses against the flow loss (LAIONBox, SPEC §6).
+    """EMA-balanced weights of auxiliary losses against the flow loss (LAIONBox's training code).
 
         ema_flow ← d·ema_flow + (1-d)·L_flow,   ema_i ← d·ema_i + (1-d)·|L_i|
         c_i = min(ratio_i · ema_flow / max(ema_i, 1e-8), cap)          (a number, no gradient)
@@ -181,7 +181,7 @@ class AdaptiveCoefficients:
 
 
 class EMABalancer:
-    """Audio weight of `L = L_video + w_a·L_audio`, from ai-toolkit PR #720 (SPEC §7):
+    """Audio weight of `L = L_video + w_a·L_audio`, from ai-toolkit PR #720:
 
         EMA_v ← d·EMA_v + (1-d)·L_video,  EMA_a ← d·EMA_a + (1-d)·L_audio      (d = 0.99)
         w_a = clamp(target · EMA_v / EMA_a, min_weight, max_weight)             (0.33, 0.05, 20)

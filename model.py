@@ -1,8 +1,8 @@
 """The LTX-2 audio DiT (audio stream of the 22B LTX-2.3 / 19B LTX-2.0 audio-video transformer).
 
 Module and parameter names follow the official checkpoint (after stripping `model.diffusion_model.`),
-so an official state dict loads with `strict=True` after the audio-only filter. Facts (shapes,
-formulas, row order of the modulation) are in SPEC §2; the reference is ltx-core 1.0.0
+so an official state dict loads with `strict=True` after the audio-only filter. Shapes,
+formulas and the row order of the modulation follow the reference, ltx-core 1.0.0
 (`ltx_core/model/transformer/`), against which tests/test_model.py (audio-only) and
 tests/test_av_model.py (audio-video) check this file.
 
@@ -10,7 +10,7 @@ tests/test_av_model.py (audio-video) check this file.
     v = model(x_t, sigma, context)                      # (B, T, 128) velocity
 
 The audio-video mode (`DiTConfig.video`, `load_dit(..., av=True)`) adds the video stream and the
-cross-modal attentions (SPEC §2 last paragraphs); its blocks reuse the audio block's code:
+cross-modal attentions (ltx-core's `BasicAVTransformerBlock`); its blocks reuse the audio block's code:
 
     av = load_dit("ltx-2.3-22b-dev.safetensors", av=True)
     v_video, v_audio = av.forward_av(xv_t, xa_t, sigma_v, sigma_a, ctx_v, ctx_a, video_positions=pos)
@@ -198,7 +198,7 @@ class DiTConfig:
     timestep_scale: float = 1000.0  # the model sees sigma * 1000
     stg_block: int = 28  # block whose self-attention the reference skips for STG guidance
     grad_checkpointing: bool = False
-    # --- audio-video mode (SPEC §2 last paragraphs, §7): the video stream and the cross-modal attentions
+    # --- audio-video mode (ltx-core's AV transformer): the video stream and the cross-modal attentions
     video: bool = False  # off: the audio-only model, no video module is built
     video_heads: int = 32
     video_head_dim: int = 128
@@ -227,14 +227,14 @@ class DiTConfig:
 
 
 PRESETS = {
-    # LTX-2.3 22B audio stream: 3,286,408,320 params (SPEC §2)
+    # LTX-2.3 22B audio stream: 3,286,408,320 params (tests/data/ltx23/README.md)
     "ltx23_audio": DiTConfig(),
     # LTX-2.0 19B audio stream: 6 rows, no gates, Gemma features projected inside the DiT
     "ltx20_audio": DiTConfig(gated_attention=False, cross_attention_adaln=False, caption_channels=3840, stg_block=29),
     # CPU-sized 2.3-style models for experiments and tests
     "tiny": DiTConfig(num_layers=6, heads=4, head_dim=64, cross_attention_dim=256, stg_block=3),
     "micro": DiTConfig(num_layers=2, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1),
-    # LTX-2.3 22B audio-video transformer: 18,988,838,144 params (shared/ltx23/README.md)
+    # LTX-2.3 22B audio-video transformer: 18,988,838,144 params (tests/data/ltx23/README.md)
     "ltx23_av": DiTConfig(video=True),
     # CPU-sized audio-video models: the audio stream of `tiny` / `micro` (same text connector) plus a
     # video stream twice as wide; the text widths equal the stream widths, as the reference requires
@@ -403,7 +403,7 @@ class AudioBlock(nn.Module):
 class AVBlock(AudioBlock):
     """An audio block plus the video stream (same layout, width Dv) and the two cross-modal attentions.
 
-    Order (SPEC §2, ltx-core `BasicAVTransformerBlock`): video self+text attention, audio self+text
+    Order (ltx-core `BasicAVTransformerBlock`): video self+text attention, audio self+text
     attention, then audio->video and video->audio cross-attention, both reading RMS-normed copies
     of the streams taken before either update, then video FF, audio FF. `forward` (inherited) is
     the audio-only pass, as the reference with no video input.
@@ -662,7 +662,7 @@ def count_params(model, trainable_only=False):
 # checkpoint IO (official safetensors layout: `model.diffusion_model.` prefix, JSON config in metadata)
 
 PREFIX = "model.diffusion_model."
-# a key belongs to the audio-only model iff it contains one of these (SPEC §2); 2.0 adds the caption projection
+# a key belongs to the audio-only model iff it contains one of these (tests/data/ltx23/audio_keys.tsv); 2.0 adds the caption projection
 AUDIO_KEY_PARTS = ("audio_attn1", "audio_attn2", "audio_ff", "audio_patchify", "audio_proj_out",
                    "audio_adaln_single", "audio_prompt", "audio_scale_shift_table", "audio_caption_projection")
 

@@ -4,7 +4,7 @@
         --adaln speaker_adaln.pt --ref speaker.wav \
         --prompt "Warm, conversational tone. 'Hello, welcome to the show.'" --out out.wav
 
-The maths is SPEC §5: the LTX2 σ schedule, guidance on x0 (CFG against a negative prompt, STG,
+The maths follows ltx-core and DramaBox: the LTX2 σ schedule, guidance on x0 (CFG against a negative prompt, STG,
 speaker guidance, std rescale) with every pass of a step in ONE batched forward, Euler in fp32,
 the DramaBox duration estimate, and the two ways to give the model a speaker: SpeakerAdaLNZero
 deltas (LAIONBox) and DramaBox IC-LoRA reference tokens. `sample()` is importable (eval.py and
@@ -66,7 +66,7 @@ def ltx2_sigmas(steps, n_tokens=None, *, shift=None, stretch_to=0.1):
 
 
 def guided_x0(c, u=None, p=None, m=None, *, cfg=1.0, stg=0.0, spk_cfg=1.0, rescale=0.0):
-    """Combine the x0 predictions of one step (SPEC §5, ltx-core's MultiModalGuider).
+    """Combine the x0 predictions of one step (ltx-core's MultiModalGuider).
 
     c: conditioned; u: negative/empty prompt; p: STG-perturbed; m: no speaker. All (B, T, F).
     pred = c + (cfg-1)(c-u) + stg(c-p) + (spk_cfg-1)(c-m); a term whose tensor is None is left out.
@@ -91,7 +91,7 @@ def guided_x0(c, u=None, p=None, m=None, *, cfg=1.0, stg=0.0, spk_cfg=1.0, resca
 # -----------------------------------------------------------------------------------------------
 # DramaBox duration estimate
 
-TOKENS_PER_SECOND = 25  # audio latents per second (SPEC §4)
+TOKENS_PER_SECOND = 25  # audio latents per second (the VAE: hop 160 at 16 kHz, x4 in time)
 CHARS_PER_SECOND = 14.0
 # Seconds budgeted per non-verbal cue found anywhere in the prompt (a subset of DramaBox's table).
 CUE_SECONDS = {
@@ -119,7 +119,7 @@ def spoken_text(prompt):
 
 
 def estimate_duration(prompt, multiplier=1.1):
-    """Seconds of audio to generate for `prompt` (DramaBox's estimator, SPEC §5).
+    """Seconds of audio to generate for `prompt` (DramaBox's estimator).
 
     14 chars/s of spoken text (x0.6 under 40 chars, x0.8 under 80: short lines are spoken slower),
     +0.3 s per sentence end, + the cue budgets, +2 s, at least 3 s; then the server's
@@ -388,7 +388,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
 
 
 # -----------------------------------------------------------------------------------------------
-# the joint audio-video model (issue 8): both streams denoised together, video left as latents
+# the joint audio-video model: both streams denoised together, video left as latents
 
 VIDEO_SCALE = (8, 32, 32)  # pixels per video latent (time, height, width); 1 + 8k frames
 
@@ -484,7 +484,7 @@ def video_decode_hint():
 # command line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRESETS_HELP = """guidance presets (SPEC §5):
+PRESETS_HELP = """guidance presets (each project's published defaults):
   LTX-2.3 (default)  --cfg 7   --stg 1   --rescale 0.7 --steps 30                  (STG on the model's block, 28)
   DramaBox           --cfg 2.5 --stg 1.5 --rescale 0   --steps 30 --stg_blocks 29 --shift_tokens 128 --ref_mode tokens
                      (its server's automatic rescale is 0.3 at cfg 2.5, and its negative prompt is
@@ -510,7 +510,7 @@ def add_model_args(p, required=True):
 
 
 def add_guidance_args(p):
-    """Sampling flags (shared with eval.py); defaults are LTX-2.3's (SPEC §5)."""
+    """Sampling flags (shared with eval.py); defaults are LTX-2.3's (ltx-core's pipelines)."""
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=7.0, help="CFG scale against --negative_prompt (1 = off)")
     p.add_argument("--stg", type=float, default=1.0, help="STG scale (0 = off)")

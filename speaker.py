@@ -3,7 +3,7 @@
 A configured list of extractors (config `speaker_extractors`, weights from `speaker_paths`), each
 mapping mono 16 kHz audio to a fixed-size vector; their concatenation, in list order, is the
 feature vector, so the AdaLN input dim is the sum of their dims. LAIONBox v0.4 uses
-wavlm_sv + orange_tbr + clap_how + clap_what = 512 + 128 + 768 + 768 = 2176 (SPEC §6).
+wavlm_sv + orange_tbr + clap_how + clap_what = 512 + 128 + 768 + 768 = 2176 (its model card).
 
     wavlm_sv    transformers `WavLMForXVector` + its feature extractor from a local directory
                 (microsoft/wavlm-base-plus-sv: 512-d); the x-vector, L2-normalised
@@ -55,7 +55,7 @@ def _hash_path(path):
 class MelStats(nn.Module):
     """Mean and std over time of the log-mel spectrogram: (B, N) -> (B, 2*n_mels).
 
-    Defaults are the LTX audio codec's mel settings (SPEC §4): n_fft 1024, hop 160, 64 Slaney
+    Defaults are the LTX audio codec's mel settings: n_fft 1024, hop 160, 64 Slaney
     mels, magnitude, log(clamp(x, 1e-5)).
     """
 

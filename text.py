@@ -1,4 +1,4 @@
-"""Text conditioning for the audio DiT (SPEC §3): Gemma 3 -> feature extractor -> audio connector.
+"""Text conditioning for the audio DiT: Gemma 3 -> feature extractor -> audio connector.
 
 Two halves, so training can cache the expensive one:
 
@@ -30,7 +30,7 @@ from model import Attention, FeedForward, load_prefixed_state, read_checkpoint_c
 
 # Connector sizes for a randomly initialised connector, keyed like model.PRESETS: its width
 # heads*head_dim must be the DiT's text width (cross_attention_dim, or caption_channels for 2.0).
-# ltx23_audio is the official LTX-2.3 audio connector (SPEC §3); ltx20_audio takes the reference's
+# ltx23_audio is the official LTX-2.3 audio connector (tests/data/ltx23/transformer_config.json); ltx20_audio takes the reference's
 # fallbacks (30 x 128, 2 layers, no gates). Official files carry their own sizes (`load_text_connector`).
 CONNECTOR_PRESETS = {
     "ltx23_audio": dict(heads=32, head_dim=64, layers=8, registers=128, gated=True),

@@ -8,7 +8,7 @@
   lora   stage 1: LoRA adapters on a frozen DiT (LAIONBox run 7)
   adaln  stage 2: a fresh SpeakerAdaLNZero on the frozen merged DiT, flow + ReFL losses (run 8)
 
-Distributed by hand (STYLE.md §6): trainable params are broadcast from rank 0 at start; after the
+Distributed by hand, visibly: trainable params are broadcast from rank 0 at start; after the
 last micro-step their gradients are averaged with all-reduce in flat fp32 buckets; nothing else is
 shared. Each micro-batch draws its σ and noise from a generator seeded by (seed, step, global
 micro-batch index), so 1 process × 2 micro-steps and 2 processes × 1 micro-step see the same data,
@@ -93,7 +93,7 @@ def allreduce_grads(params, world, bucket_numel=1 << 24):
 
 
 # -----------------------------------------------------------------------------------------------
-# fp32 master weights: the fix for the bf16 freeze (SPEC §6)
+# fp32 master weights: the fix for the bf16 freeze (reproduced in tests/test_train_freeze.py)
 
 
 class MasterWeights:
@@ -192,7 +192,7 @@ def build(cfg, device, example, with_audio=True):
             trainable = [("adaln." + n, p) for n, p in parts["adaln"].named_parameters()]
         else:
             raise ValueError(f"config key 'stage': unknown stage {cfg.stage!r} (base | lora | adaln)")
-    # the frozen base is stored in param_dtype; stage-2 AdaLN stays fp32 (SPEC §6)
+    # the frozen base is stored in param_dtype; stage-2 AdaLN stays fp32 (as LAIONBox trains it)
     dit.to(device, param_dtype)
     connector.to(device, param_dtype)
     if parts["video_connector"] is not None:
@@ -271,7 +271,7 @@ def global_mean(values, world, device):
 
 
 # -----------------------------------------------------------------------------------------------
-# audio-video mode (SPEC §7): LoRA on the joint model, from an ltx-trainer precomputed dataset
+# audio-video mode: LoRA on the joint model, from an ltx-trainer precomputed dataset
 
 
 @contextlib.contextmanager

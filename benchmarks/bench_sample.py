@@ -1,4 +1,4 @@
-"""Sampling speed on CPU for the tiny preset (issue 6), and one model forward per step whatever the guidance.
+"""Sampling speed on CPU for the tiny preset, and one model forward per step whatever the guidance.
 
     python benchmarks/bench_sample.py            # tiny DiT, mel codec, 4 s clips, 16 steps, batch 1 and 8
     python benchmarks/bench_sample.py --quick    # 4 steps

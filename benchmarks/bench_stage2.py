@@ -1,4 +1,4 @@
-"""Stage-2 step time with the ReFL auxiliary losses on vs off (issue 5), and what the aux pieces cost.
+"""Stage-2 step time with the ReFL auxiliary losses on vs off, and what the aux pieces cost.
 
     python benchmarks/bench_stage2.py            # tiny DiT, mel codec, B=4 (run 8's micro-batch), T=100 (4 s)
     python benchmarks/bench_stage2.py --quick    # 2 timed steps, no RSS subprocesses

@@ -1,4 +1,4 @@
-"""Stage-2 ReFL overhead projected to the official sizes from pieces timed on this machine (issue 5).
+"""Stage-2 ReFL overhead projected to the official sizes from pieces timed on this machine.
 
     python benchmarks/bench_stage2_scale.py            # B=4 micro-batch of 10 s clips, run 8's gate
     python benchmarks/bench_stage2_scale.py --quick    # fewer repeats
@@ -9,8 +9,8 @@ we do not have), so its pieces are timed one by one at the official sizes, with 
                forward + backward of B items of T tokens with 128 text tokens; the block's weights
                are frozen, the backward runs for the SpeakerAdaLNZero deltas (requires_grad), as in
                stage 2. The DiT step is 48 of these (plus the cheap patchify/head, left out).
-  decode       codec.LTXAudioCodec at the official audio VAE config (shared/ltx23) and the LTX-2.3
-               16 kHz vocoder sizes of SPEC §4 (1536 channels, x[5,2,2,2,2,2], AMP + SnakeBeta),
+  decode       codec.LTXAudioCodec at the official audio VAE config (tests/data/ltx23) and the LTX-2.3
+               16 kHz vocoder sizes (tests/data/ltx23/README.md: 1536 channels, x[5,2,2,2,2,2], AMP + SnakeBeta),
                `decode_16k` with gradient checkpointing (as AuxLosses runs it), forward + backward
                to the latent: of the whole clip, and of the `aux_crop_seconds` middle (default 4 s)
   dnsmos       DNSMOS OVR of one 9.01 s window, forward + backward to the waveform
@@ -41,7 +41,7 @@ import dnsmos as dnsmos_lib  # noqa: E402
 import losses  # noqa: E402
 import model as model_lib  # noqa: E402
 
-# LTX-2.3 vocoder sizes (SPEC §4): 16 kHz BigVGAN with AMP blocks and SnakeBeta, then BWE to 48 kHz
+# LTX-2.3 vocoder sizes (tests/data/ltx23/README.md): 16 kHz BigVGAN with AMP blocks and SnakeBeta, then BWE to 48 kHz
 _AMP = {"resblock": "AMP1", "stereo": True, "activation": "snakebeta", "resblock_kernel_sizes": [3, 7, 11],
         "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]]}
 VOCODER_23 = {"vocoder": {**_AMP, "upsample_initial_channel": 1536, "upsample_rates": [5, 2, 2, 2, 2, 2],
@@ -83,7 +83,7 @@ def dit_block(B, T, text_len=128):
 
 
 def decode(T):
-    with open(os.path.join(ROOT, "..", "shared", "ltx23", "audio_vae_config.json")) as f:
+    with open(os.path.join(ROOT, "tests", "data", "ltx23", "audio_vae_config.json")) as f:
         vae = json.load(f)["audio_vae"]
     torch.manual_seed(0)
     codec = codec_lib.LTXAudioCodec({"audio_vae": vae, "vocoder": VOCODER_23}).eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Stage-1 training step costs (issue 4): fp32 master-weight offload, and LoRA vs the frozen base.
+"""Stage-1 training step costs: fp32 master-weight offload, and LoRA vs the frozen base.
 
     python benchmarks/bench_train.py            # D=512 (8x64), 8 layers, B=4, T=250, LoRA r64 on laionbox, bf16
     python benchmarks/bench_train.py --quick    # 3 timed steps, no RSS subprocesses

@@ -10,7 +10,7 @@ from adaln import SpeakerAdaLNZero
 
 
 def test_param_count_22b_on_meta():
-    """2176-d features, 48 blocks of 9 x 2048 rows: 455,246,848 parameters (SPEC §6)."""
+    """2176-d features, 48 blocks of 9 x 2048 rows: 455,246,848 parameters (LAIONBox v0.4's card)."""
     cfg = model.PRESETS["ltx23_audio"]
     with torch.device("meta"):
         net = SpeakerAdaLNZero(2176, cfg.num_layers, cfg.dim, rows=cfg.ada_rows, hidden=512)

@@ -246,7 +246,7 @@ def test_av_bf16_cuda_close_to_fp32():
 
 
 def test_param_count_of_22b_av_config_on_meta():
-    """shared/ltx23/README.md: 18,988,838,144 parameters in the full AV transformer, 3,286,408,320 audio."""
+    """tests/data/ltx23/README.md: 18,988,838,144 parameters in the full AV transformer, 3,286,408,320 audio."""
     with torch.device("meta"):
         dit = M.AudioDiT(M.PRESETS["ltx23_av"])
     assert M.count_params(dit) == 18_988_838_144
@@ -258,7 +258,7 @@ def test_param_count_of_22b_av_config_on_meta():
     assert tuple(blk.video_to_audio_attn.to_k.weight.shape) == (2048, 4096)  # KV video -> audio width
 
 
-# the LTX-2.3 transformer config's non-size entries (shared/ltx23/transformer_config.json)
+# the LTX-2.3 transformer config's non-size entries (tests/data/ltx23/transformer_config.json)
 OFFICIAL_TC = {
     "use_audio_video_cross_attention": True, "av_cross_ada_norm": True, "use_middle_indices_grid": True,
     "caption_channels": 3840, "audio_positional_embedding_max_pos": [20], "apply_gated_attention": True,

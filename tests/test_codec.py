@@ -27,7 +27,8 @@ from ltx_core.model.audio_vae import (  # noqa: E402
 )
 from ltx_core.types import Audio  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "ltx23")
+# the official LTX-2.3 checkpoint's metadata sections (tests/data/ltx23/README.md)
+LTX23 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ltx23")
 
 # Tiny audio VAE: the official layout (64 mel bins, ch_mult [1,2,4], pixel norm, causal) with
 # 1 res block, ch 32 and z 2. ltx-core sizes per_channel_statistics by `ch`, so ch must equal the
@@ -192,11 +193,12 @@ def test_gradients_flow_to_latent_and_match_reference(pair):
 
 
 def _official_config(version):
-    with open(os.path.join(SHARED, "audio_vae_config.json")) as f:
+    with open(os.path.join(LTX23, "audio_vae_config.json")) as f:
         vae = json.load(f)["audio_vae"]
     if version == "2.0":  # ltx-core's defaults are the LTX-2.0 vocoder
         return {"audio_vae": vae, "vocoder": {"resblock": "1", "stereo": True}}
-    # 2.3 sizes from SPEC §4 (1536 channels, x[5,2,2,2,2,2]; BWE 512 channels, x[6,5,2,2,2]).
+    # the LTX-2.3 vocoder sizes (tests/data/ltx23/README.md): BigVGAN 1536 channels, x[5,2,2,2,2,2];
+    # BWE 512 channels, x[6,5,2,2,2].
     return {"audio_vae": vae, "vocoder": {
         "vocoder": {**_AMP, "upsample_initial_channel": 1536, "upsample_rates": [5, 2, 2, 2, 2, 2],
                     "upsample_kernel_sizes": [11, 4, 4, 4, 4, 4]},

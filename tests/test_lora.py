@@ -74,7 +74,7 @@ def av_reference_model():
 
 
 def test_stage1_count_on_the_22b_config():
-    """LAIONBox run 7: rank 64 on audio_attn1 + audio_ff of 48 blocks = 113,246,208 params (SPEC §1),
+    """LAIONBox run 7: rank 64 on audio_attn1 + audio_ff of 48 blocks = 113,246,208 params (its model card),
     on our AudioDiT and on ltx-core's audio-only LTXModel at the official size (meta device)."""
     with torch.device("meta"):
         ours = M.AudioDiT(M.PRESETS["ltx23_audio"])

@@ -25,6 +25,9 @@ from ltx_core.model.transformer.rope import LTXRopeType  # noqa: E402
 from ltx_core.model.transformer.text_projection import PixArtAlphaTextProjection  # noqa: E402
 
 TOL = 1e-5
+# the official LTX-2.3 checkpoint's transformer config and audio key manifest (tests/data/ltx23/README.md)
+LTX23 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ltx23")
+
 # the reference views the context as (B, L, D), so cross_attention_dim = D as in the official config.
 # 2.3-style (9 rows, gates, prompt AdaLN) and 2.0-style (6 rows, no gates, caption projection)
 CFG23 = M.DiTConfig(num_layers=3, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1)
@@ -226,8 +229,7 @@ def test_meta_ltx23_param_count_and_official_keys():
         dit = M.AudioDiT(M.PRESETS["ltx23_audio"])
     assert M.count_params(dit) == 3_286_408_320
     official = {}
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "..", "shared", "ltx23", "audio_keys.tsv")) as f:
+    with open(os.path.join(LTX23, "audio_keys.tsv")) as f:
         for line in f:
             key, shape = line.rstrip("\n").split("\t") if not line.startswith("#") else (None, None)
             if key and key.startswith(M.PREFIX) and M.is_audio_key(key[len(M.PREFIX):]):
@@ -241,8 +243,7 @@ def test_meta_ltx23_param_count_and_official_keys():
 
 def _official_config(cfg):
     """The official transformer config with the audio stream shrunk to `cfg` (video fields kept)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "ltx23",
-                           "transformer_config.json")) as f:
+    with open(os.path.join(LTX23, "transformer_config.json")) as f:
         config = json.load(f)
     tc = config["transformer"]
     tc.update(num_layers=cfg.num_layers, audio_num_attention_heads=cfg.heads,

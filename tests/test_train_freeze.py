@@ -1,4 +1,4 @@
-"""The bf16 freeze (SPEC §6): reproduced with plain bf16 AdamW, fixed by fp32 master weights."""
+"""The bf16 freeze (Adam steps below half a bf16 spacing round to nothing): reproduced with plain bf16 AdamW, fixed by fp32 master weights."""
 
 import torch
 
