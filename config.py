@@ -131,6 +131,36 @@ class Config:
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
     cpu_threads: int = 0  # torch threads of every step (OMP_NUM_THREADS); 0 = torch's default
+    debug: bool = False  # expected errors print the traceback too (see run_cli), not just one line
+
+
+# the errors our own checks raise for bad input; anything else is a bug and keeps its traceback
+EXPECTED_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def wants_debug(argv):
+    """True when the command line asks for tracebacks: `--debug`, `--debug=true` (or 1, yes)."""
+    return any(a == "--debug" or (a.startswith("--debug=") and a[8:].lower() in ("true", "1", "yes")) for a in argv)
+
+
+def run_cli(main, argv=None):
+    """Run an entry point's `main(argv)`. An expected error (bad input or config, found by our checks)
+    prints one line naming the problem on stderr and exits 1; with `--debug` it raises as usual.
+
+        if __name__ == "__main__":
+            run_cli(main)
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(argv)
+    except EXPECTED_ERRORS as e:
+        if wants_debug(argv):
+            raise
+        # KeyError's str() quotes its message; every message is kept to one line
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        message = " ".join(str(message).split()) or type(e).__name__
+        print(f"error: {message} (--debug=true for the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _type_error(key, value, want, where):
@@ -208,6 +238,8 @@ def load_config(argv=None, base=None):
     cfg = base if base is not None else Config()
     for arg in argv:
         if arg.startswith("--"):
+            if "=" not in arg and _fields().get(arg[2:].replace("-", "_")) is bool:
+                arg += "=true"  # a bare boolean flag: --resume is --resume=true
             if "=" not in arg:
                 raise ValueError(f"command-line override '{arg}' must look like --key=value")
             key, value = arg[2:].split("=", 1)
