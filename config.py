@@ -9,6 +9,7 @@ the key and where it came from, so a misspelt option can never be silently ignor
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -233,9 +234,11 @@ def apply_overrides(cfg, overrides, where):
 
 
 def load_config(argv=None, base=None):
-    """Build a Config from YAML paths and `--key=value` arguments (`argv`, default sys.argv[1:])."""
+    """Build a Config from YAML paths and `--key=value` arguments (`argv`, default sys.argv[1:]);
+    its values are checked (`check_values`) once every override is applied."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = base if base is not None else Config()
+    where = {}  # key -> the file or "the command line" that set it last, for error messages
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg and _fields().get(arg[2:].replace("-", "_")) is bool:
@@ -243,14 +246,93 @@ def load_config(argv=None, base=None):
             if "=" not in arg:
                 raise ValueError(f"command-line override '{arg}' must look like --key=value")
             key, value = arg[2:].split("=", 1)
-            cfg = apply_overrides(cfg, {key.replace("-", "_"): value}, "the command line")
+            key = key.replace("-", "_")
+            cfg = apply_overrides(cfg, {key: value}, "the command line")
+            where[key] = "the command line"
         else:
-            with open(arg) as f:
-                data = yaml.safe_load(f) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{arg}: a config file must be a YAML mapping of key: value")
+            data = read_yaml(arg)
             cfg = apply_overrides(cfg, data, arg)
+            where.update(dict.fromkeys(data, arg))
+    check_values(cfg, where)
     return cfg
+
+
+def read_yaml(path):
+    """The key: value mapping of a YAML config file; a clear error for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file, so not a YAML config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a YAML mapping of key: value, not a {type(data).__name__}")
+    return data
+
+
+# allowed values of the keys that name a choice
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"), "dtype": ("bf16", "fp16", "fp32"), "param_dtype": ("bf16", "fp16", "fp32"),
+    "stage": ("base", "lora", "adaln"), "codec": ("mel", "ltx"), "register_layout": ("official", "ltx_core_1_0"),
+    "sigma_sampler": ("shifted_logit_normal", "uniform", "fixed"), "best_by": ("val_loss", "val_spk_sim"),
+    "av_sigma": ("independent", "shared"), "audio_free": ("mask", "preserve"),
+}
+# (low, high) bounds of numeric keys, inclusive unless listed below; None = unbounded on that side
+BOUNDS = {
+    "global_batch": (1, None), "micro_batch": (1, None), "max_steps": (0, None), "log_every": (1, None),
+    "val_every": (1, None), "ckpt_every": (1, None), "max_text_len": (1, None), "mel_n_mels": (1, None),
+    "mel_n_fft": (2, None), "griffin_lim_iters": (0, None), "lora_rank": (1, None), "adaln_hidden": (1, None),
+    "aux_clips": (0, None), "sample_steps": (1, None), "sample_batch": (1, None), "corpus_speakers": (1, None),
+    "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
+    "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),
+    "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
+    "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "corpus_val_frac": (0, 1),
+    "min_seconds": (0, None), "max_seconds": (0, None), "ref_max_seconds": (0, None), "aux_sigma_max": (0, None),
+    "aux_max_seconds": (0, None), "aux_crop_seconds": (0, None), "val_spk_sigma": (0, 1),
+}
+STRICT_LOW = ("grad_clip", "mel_std")  # > low: clipping to 0 or dividing by 0 is never meant
+STRICT_HIGH = ("beta1", "beta2")  # < high: Adam's bias correction 1 - beta^t is 0 at beta = 1
+
+
+def check_values(cfg, where=None):
+    """Every config value within its domain, checked in one place before anything runs: a choice key
+    holds a known choice, a number is finite and in bounds, a list has its length. Raises ValueError
+    naming the key and where it was set (`where`: key -> source)."""
+    where = where or {}
+
+    def fail(key, problem):
+        src = f" (from {where[key]})" if key in where else ""
+        raise ValueError(f"config key '{key}'{src}: {problem}")
+
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            fail(key, f"{getattr(cfg, key)!r} is not one of {' | '.join(choices)}")
+    for key, typ in _fields().items():
+        if typ is float and not math.isfinite(getattr(cfg, key)):
+            fail(key, f"must be a finite number, got {getattr(cfg, key)}")
+    for key, (low, high) in BOUNDS.items():
+        value = getattr(cfg, key)
+        if low is not None and (value < low or (key in STRICT_LOW and value == low)):
+            fail(key, f"must be {'>' if key in STRICT_LOW else '>='} {low}, got {value}")
+        if high is not None and (value > high or (key in STRICT_HIGH and value == high)):
+            fail(key, f"must be {'<' if key in STRICT_HIGH else '<='} {high}, got {value}")
+    if cfg.global_batch % cfg.micro_batch:
+        fail("micro_batch", f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
+    if cfg.min_seconds > cfg.max_seconds:
+        fail("min_seconds", f"{cfg.min_seconds} is above max_seconds {cfg.max_seconds}")
+    if len(cfg.clone_probs) != 3 or min(cfg.clone_probs) < 0 or sum(cfg.clone_probs) <= 0:
+        fail("clone_probs", f"needs 3 probabilities >= 0 (forward, reverse, uncond) with a positive sum, "
+                            f"got {cfg.clone_probs}")
+    unknown = [k for k in cfg.aux_losses if k not in ("speaker", "dnsmos")]
+    if unknown:
+        fail("aux_losses", f"unknown losses {unknown} (speaker | dnsmos)")
+    if not cfg.name or cfg.name != cfg.name.strip():
+        fail("name", f"{cfg.name!r} cannot name a run directory")
 
 
 def config_dict(cfg):
