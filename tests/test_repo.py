@@ -52,7 +52,8 @@ def test_no_file_refers_outside_the_repo():
 
 def test_each_kind_of_outside_reference_is_caught(tmp_path):
     """Each pattern fires on a planted line, and stays quiet on the plain-word version."""
-    planted = ['path = "../other/ltx23/config.json"', 'os.path.join(here, "..", "x")',
+    up = "." * 2  # the parent directory, spelt so that this file does not match itself
+    planted = [f'path = "{up}/other/ltx23/config.json"', f'os.path.join(here, "{up}", "x")',
                "see the team folder " + "shared" + "/ltx23/README.md", "facts in " + "SPEC" + " §4",
                "style in " + "STYLE" + ".md", "fixed in " + "issue" + " 12", "a fix (" + "issue" + " 7)"]
     clean = ["16 kHz (the audio VAE's input rate)", "x_t = (1 - sigma) x0 + sigma eps", "shape (B, T, 128)",
