@@ -32,7 +32,7 @@ import torchaudio.functional as AF
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model import load_prefixed_state, read_checkpoint_config
+from files import load_prefixed_state, read_checkpoint_config
 
 # ------------------------------------------------------------------------------------------------
 # Audio IO

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+import files
 
 # Target presets: each entry is a pattern of dotted name components (see `_matches`).
 PRESETS = {
@@ -138,11 +138,11 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def inject_lora(model, targets, *, rank, alpha, dropout=0.0, with_audio=True):
+def inject_lora(model, targets, *, rank, alpha, dropout=0.0, with_audio=True, dtype=None):
     """Wrap the nn.Linear layers selected by `targets` (presets and/or patterns) in LoRALinear.
 
     Only the new lora_A/lora_B weights require grad; the caller freezes the base beforehand.
-    Returns the wrapped layers' names.
+    dtype: of the new A/B weights (default: each base layer's). Returns the wrapped layers' names.
     """
     if rank <= 0:
         raise ValueError(f"lora_rank must be positive, got {rank}")
@@ -150,7 +150,7 @@ def inject_lora(model, targets, *, rank, alpha, dropout=0.0, with_audio=True):
     if not names:
         raise ValueError(f"LoRA targets {targets} select no layer of this model (with_audio={with_audio})")
     for name in names:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, dtype=dtype))
     return names
 
 
@@ -249,14 +249,21 @@ def save_lora(model, path, *, base_model_id, extra_meta=None, state=None, dtype=
         "lora_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else json.dumps(alphas),
         "lora_alpha_folded": "true",  # B already holds alpha/r: apply B @ A at strength 1
         "lora_targets": json.dumps([n for n, _ in mods]),
-        "base_model": str(base_model_id),
+        **base_model_meta(base_model_id),
     }
     for k, v in (extra_meta or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return files.save_safetensors(tensors, path, metadata=meta)
+
+
+def base_model_meta(base_model_id):
+    """The metadata naming a LoRA's base model: a checkpoint by its file name and a content digest
+    (files.file_digest), never by its path, which means nothing on another machine and tells where
+    files live on this one; a preset name as it is."""
+    name = os.path.basename(os.fspath(base_model_id))
+    if os.path.isfile(base_model_id):
+        return {"base_model": name, "base_model_digest": files.file_digest(base_model_id)}
+    return {"base_model": name}
 
 
 def read_lora_file(path, strength=1.0):
@@ -270,18 +277,14 @@ def read_lora_file(path, strength=1.0):
     """
     path = os.fspath(path)
     groups, unmatched = {}, []
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                stripped = next((key[len(p):] for p in LOAD_PREFIXES if key.startswith(p)), key)
-                for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".alpha", "alpha")):
-                    if stripped.endswith(suffix):
-                        groups.setdefault(stripped[: -len(suffix)], {})[slot] = (key, f.get_tensor(key))
-                        break
-                else:
-                    unmatched.append(key)
-    except Exception as e:  # OSError, or safetensors' own error types for a bad header
-        raise ValueError(f"{path}: not a readable safetensors LoRA file ({e})") from e
+    for key, t in files.load_safetensors(path).items():  # NaN / Inf and damaged files are refused here
+        stripped = next((key[len(p):] for p in LOAD_PREFIXES if key.startswith(p)), key)
+        for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".alpha", "alpha")):
+            if stripped.endswith(suffix):
+                groups.setdefault(stripped[: -len(suffix)], {})[slot] = (key, t)
+                break
+        else:
+            unmatched.append(key)
     updates = {}
     for module, g in groups.items():
         if "A" not in g or "B" not in g:

@@ -11,47 +11,44 @@ transformer's floating tensors (`model.diffusion_model.*`); `keep` leaves them a
 
 The file is streamed one tensor at a time (the output header is planned from the input header),
 so merging the 22B checkpoint needs memory for one weight matrix, not for the model, and the
-output appears only when complete (temp file + os.replace).
+output appears only when complete (files.atomic_write), mode 0644. A LoRA without tensors, or a
+base, LoRA or result holding NaN / Inf, is refused naming the file and the tensor.
 """
 
 import argparse
 import json
 import os
 import struct
-import sys
 
 import torch
 from safetensors import safe_open
 
+import files
+from config import run_cli
 from lora import read_lora_file
-from model import PREFIX, read_safetensors_metadata
+from model import PREFIX
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}
 # safetensors dtype codes of the dtypes we may write (the format's spelling)
 ST_CODE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 FLOAT_CODES = ("F32", "BF16", "F16")  # cast by --dtype; fp8 and integer tensors are copied as they are
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+ITEMSIZE = files.ST_ITEMSIZE
 COPY_CHUNK = 64 << 20
-
-
-def read_header(path):
-    """(header dict without __metadata__, metadata dict, byte offset where tensor data starts)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta, 8 + n
 
 
 def _tensor_bytes(t):
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _copy_bytes(src, dst, start, length, what):
+    """Copy `length` bytes of `src` from `start` to `dst`, in chunks (a tensor may be gigabytes)."""
+    src.seek(start)
+    while length:
+        chunk = src.read(min(length, COPY_CHUNK))
+        if not chunk:
+            raise ValueError(f"{what}: the file ends early (truncated)")
+        dst.write(chunk)
+        length -= len(chunk)
 
 
 def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
@@ -60,8 +57,10 @@ def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     target = DTYPES[dtype]
-    header, meta, data_start = read_header(ckpt)
-    updates, unmatched = read_lora_file(lora_path, strength)
+    header, meta, data_start = files.read_header(ckpt)
+    updates, unmatched = read_lora_file(lora_path, strength)  # refuses NaN / Inf and damaged files
+    if not updates:
+        raise ValueError(f"{lora_path}: no LoRA A/B pairs inside ({len(unmatched)} other tensors): nothing to merge")
     if unmatched:
         raise ValueError(f"{lora_path}: {len(unmatched)} keys are not LoRA A/B pairs: {unmatched[:10]}")
     missing, wrong = [], []
@@ -94,7 +93,7 @@ def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
             info["data_offsets"][1] - info["data_offsets"][0])
         plan[key] = {"dtype": code, "shape": info["shape"], "data_offsets": [offset, offset + size]}
         offset += size
-    lora_meta = read_safetensors_metadata(lora_path)
+    lora_meta = files.read_safetensors_metadata(lora_path)
     out_meta = dict(meta)  # the original metadata (config included), plus a record of what was merged
     out_meta["merged_lora"] = json.dumps({
         "file": os.path.basename(lora_path), "strength": strength, "layers": len(updates),
@@ -102,9 +101,9 @@ def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
     head = json.dumps({"__metadata__": out_meta, **plan}, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header to 8-byte alignment
 
-    tmp = f"{out}.tmp.{os.getpid()}"
     counts = {"merged": 0, "cast": 0, "copied": 0}
-    try:
+
+    def write(tmp):
         with safe_open(ckpt, framework="pt", device="cpu") as src, open(ckpt, "rb") as raw, open(tmp, "wb") as dst:
             dst.write(struct.pack("<Q", len(head)) + head)
             for key in order:
@@ -112,27 +111,21 @@ def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
                 if key in merged_keys:
                     a, b = updates[merged_keys[key]]
                     w = src.get_tensor(key)
-                    out_dtype = target or w.dtype
-                    dst.write(_tensor_bytes((w.float() + b @ a).to(out_dtype)))  # fp32 sum, one rounding
+                    merged = (w.float() + b @ a).to(target or w.dtype)  # fp32 sum, one rounding
+                    files.check_finite({key: merged}, f"{out} (merging {lora_path} into {ckpt})")
+                    dst.write(_tensor_bytes(merged))
                     counts["merged"] += 1
-                elif want["dtype"] != info["dtype"]:
+                    continue
+                files.check_finite({key: src.get_tensor(key)}, ckpt)  # a damaged base is not passed on
+                if want["dtype"] != info["dtype"]:
                     dst.write(_tensor_bytes(src.get_tensor(key).to(target)))
                     counts["cast"] += 1
                 else:
-                    begin, end = info["data_offsets"]
-                    raw.seek(data_start + begin)
-                    left = end - begin
-                    while left:
-                        chunk = raw.read(min(left, COPY_CHUNK))
-                        if not chunk:
-                            raise ValueError(f"{ckpt}: truncated file (tensor {key})")
-                        dst.write(chunk)
-                        left -= len(chunk)
+                    _copy_bytes(raw, dst, data_start + info["data_offsets"][0],
+                                info["data_offsets"][1] - info["data_offsets"][0], f"{ckpt}: tensor {key}")
                     counts["copied"] += 1
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    files.atomic_write(out, write)
     return {**counts, "bytes": 8 + len(head) + offset, "out": out}
 
 
@@ -144,14 +137,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="merged safetensors to write")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of the transformer tensors")
     p.add_argument("--strength", type=float, default=1.0, help="multiplier of the LoRA update")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     for flag, path in (("--ckpt", args.ckpt), ("--lora", args.lora)):
         if not os.path.isfile(path):
-            sys.exit(f"merge.py: {flag} {path}: no such file")
+            raise FileNotFoundError(f"{flag} {path}: no such file")
     s = merge_checkpoint(args.ckpt, args.lora, args.out, dtype=args.dtype, strength=args.strength)
     print(f"{s['out']}: {s['merged']} weights merged, {s['cast']} cast to {args.dtype}, "
           f"{s['copied']} copied unchanged, {s['bytes'] / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

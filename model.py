@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from files import BadFile, load_prefixed_state, read_checkpoint_config, save_safetensors
 
 # -----------------------------------------------------------------------------------------------
 # building blocks (shared with text.py's connector)
@@ -672,49 +672,6 @@ def is_audio_key(name):
     return any(part in name for part in AUDIO_KEY_PARTS)
 
 
-def read_safetensors_metadata(path):
-    """The `__metadata__` dict (str -> str) of a safetensors file, {} when it has none."""
-    path = os.fspath(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def read_checkpoint_config(path):
-    """The parsed JSON `__metadata__["config"]` of an LTX-2 checkpoint, with a clear error if absent."""
-    meta = read_safetensors_metadata(path)
-    if "config" not in meta:
-        raise ValueError(f"{path}: no __metadata__['config']; not an LTX-2 checkpoint (metadata keys: {sorted(meta)})")
-    try:
-        return json.loads(meta["config"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: __metadata__['config'] is not valid JSON ({e})") from e
-
-
-def load_prefixed_state(path, prefix, keep=None, device="cpu", dtype=None):
-    """Tensors whose key starts with `prefix`, returned with the prefix removed, read one by one.
-
-    keep: optional predicate on the stripped name; dtype: cast floating tensors to it. Only the
-    selected tensors are read (safetensors memory-maps the file), so a 40 GB file is fine.
-    """
-    path = os.fspath(path)
-    state = {}
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if not key.startswith(prefix) or (keep is not None and not keep(key[len(prefix):])):
-                    continue
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                state[key[len(prefix):]] = t.to(device)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read tensors ({e})") from e
-    return state
-
-
 def dit_config_from_metadata(config, video=False):
     """DiTConfig from a checkpoint's parsed metadata config (or its "transformer" part): the audio
     stream, plus with `video` the video stream and cross-modal settings of the AV transformer."""
@@ -761,10 +718,25 @@ def _video_config_from_metadata(tc):
     )
 
 
+# The transformer-config keys of the official files that this architecture fixes. ltx-core's
+# configurator (LTXModelConfigurator.from_config) refuses a file unless each has exactly this value.
+FIXED_TRANSFORMER_CONFIG = {
+    "dropout": 0.0, "attention_bias": True, "num_vector_embeds": None, "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000, "use_linear_projection": False, "only_cross_attention": False,
+    "cross_attention_norm": True, "double_self_attention": False, "upcast_attention": False,
+    "standardization_norm": "rms_norm", "norm_elementwise_affine": False, "qk_norm": "rms_norm",
+    "positional_embedding_type": "rope", "use_audio_video_cross_attention": True, "share_ff": False,
+    "av_cross_ada_norm": True, "use_middle_indices_grid": True, "attention_type": "default",
+}
+
+
 def metadata_from_dit_config(cfg):
     """Checkpoint metadata ({"config": JSON}) describing `cfg` in the official transformer-config
-    vocabulary, for models that did not come from an official file."""
+    vocabulary, complete enough for ltx-core's ModelLedger (and ComfyUI, diffusers) to build the
+    model, for models that did not come from an official file."""
     tc = {
+        **FIXED_TRANSFORMER_CONFIG,
+        "norm_eps": cfg.eps,
         "num_layers": cfg.num_layers,
         "audio_num_attention_heads": cfg.heads,
         "audio_attention_head_dim": cfg.head_dim,
@@ -780,7 +752,6 @@ def metadata_from_dit_config(cfg):
         "frequencies_precision": "float64" if cfg.rope_double_precision else "float32",
         "timestep_scale_multiplier": cfg.timestep_scale,
         "rope_type": "split",
-        "use_middle_indices_grid": True,
         "stg_block": cfg.stg_block,
     }
     if cfg.video:
@@ -792,7 +763,6 @@ def metadata_from_dit_config(cfg):
             "cross_attention_dim": cfg.video_cross_attention_dim,
             "positional_embedding_max_pos": list(cfg.video_rope_max_pos),
             "av_ca_timestep_scale_multiplier": cfg.av_ca_timestep_scale,
-            "use_audio_video_cross_attention": True,
         })
     return {"config": json.dumps({"transformer": tc})}
 
@@ -814,6 +784,8 @@ def load_dit(path, *, av=False, device="cpu", dtype=None, strict=True):
     path = os.fspath(path)
     try:
         cfg = dit_config_from_metadata(read_checkpoint_config(path), video=av)
+    except BadFile:  # damaged or foreign file: its message says so
+        raise
     except (KeyError, ValueError) as e:
         kind = "audio-video" if av else "audio"
         raise ValueError(f"{path}: cannot build the {kind} DiT from its metadata: {e}") from e
@@ -853,7 +825,8 @@ def _key_report(missing, unexpected, wrong, shown=10):
 
 
 def save_dit(model, path, metadata=None, extra=None):
-    """Write the model's weights in the official layout (`model.diffusion_model.` prefix), atomically.
+    """Write the model's weights in the official layout (`model.diffusion_model.` prefix), atomically,
+    mode 0644; a NaN / Inf weight is refused (files.save_safetensors).
 
     metadata: the source checkpoint's `__metadata__` to keep (config included); default: a config
     describing `model.cfg`, so `load_dit` can read the file back. extra: more tensors under their
@@ -866,6 +839,4 @@ def save_dit(model, path, metadata=None, extra=None):
     if clash:
         raise ValueError(f"save_dit({path}): extra tensors collide with DiT keys: {sorted(clash)[:5]}")
     tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata=metadata)

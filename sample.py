@@ -1,7 +1,7 @@
 """Sample speech from the LTX-2 audio DiT, optionally in the voice of a reference speaker.
 
     python sample.py --ckpt merged_dit.safetensors --full_ckpt ltx-2.3-22b-dev.safetensors \
-        --adaln speaker_adaln.pt --ref speaker.wav \
+        --adaln adaln.safetensors --ref speaker.wav \
         --prompt "Warm, conversational tone. 'Hello, welcome to the show.'" --out out.wav
 
 The maths follows ltx-core and DramaBox: the LTX2 σ schedule, guidance on x0 (CFG against a negative prompt, STG,
@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import files
 from data import REF_PEAK  # the -4 dBFS peak references get, in training features and here
 
 # -----------------------------------------------------------------------------------------------
@@ -159,9 +160,11 @@ def prepare_reference(wav, sample_rate, name="reference"):
     if seconds < MIN_REF_SECONDS:
         raise ValueError(f"{name}: reference audio is {seconds:.2f} s long, at least {MIN_REF_SECONDS} s "
                          f"is needed (3-15 s recommended)")
+    if not torch.isfinite(wav).all():
+        raise ValueError(f"{name}: reference audio contains NaN or Inf samples")
     wav = wav[..., : int(REF_SECONDS * sample_rate)]
     rms = wav.pow(2).mean().sqrt().item()
-    if not math.isfinite(rms) or rms < SILENCE_RMS:
+    if rms < SILENCE_RMS:
         raise ValueError(f"{name}: reference audio is silent (RMS {rms:.2e})")
     return wav * (REF_PEAK / wav.abs().max())
 
@@ -380,11 +383,26 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
                      cfg=cfg, stg=stg, stg_blocks=stg_blocks, spk_cfg=spk_cfg, rescale=rescale,
                      dtype=dtype, progress=bar)
         wav = codec.decode(x0).float().cpu()  # (B, C, N)
+        check_generated(x0, wav)
         for j, i in enumerate(idx):
             out[i] = wav[j]
     if bar is not None:
         bar.close()
     return out
+
+
+def check_generated(x0, wav):
+    """Refuse generations that are not audio, before anything is written: NaN / Inf latents or
+    samples, or a constant waveform (what a codec makes of garbage latents: a full-scale DC).
+    Both mean diverged or damaged weights."""
+    if not torch.isfinite(x0).all() or not torch.isfinite(wav).all():
+        raise ValueError("the sampled latents or audio hold NaN / Inf: the model's weights are diverged or damaged; "
+                         "nothing written")
+    flat = wav.flatten(1)  # (B, C*N)
+    spread = (flat.max(1).values - flat.min(1).values).min().item()
+    if spread < 1e-6:
+        raise ValueError(f"the generated audio is a constant {flat[0, 0].item():.3f} (DC, no sound): the model's "
+                         "weights are diverged or damaged; nothing written")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -504,9 +522,10 @@ def add_model_args(p, required=True):
                    "extractors are built as for its training data (default: the --adaln file's config)")
     p.add_argument("--text_encoder", default="", help="local Gemma 3 directory (default: the run config's)")
     p.add_argument("--lora", default="", help="LoRA safetensors applied to the DiT")
-    p.add_argument("--adaln", default="", help="SpeakerAdaLNZero checkpoint (adaln.pt from train.py)")
+    p.add_argument("--adaln", default="", help="SpeakerAdaLNZero file (adaln.safetensors from train.py)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="compute dtype of the DiT")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def add_guidance_args(p):
@@ -566,27 +585,42 @@ def _check_file(path, flag):
         raise FileNotFoundError(f"{flag} {path}: file not found")
 
 
+def read_config_file(path):
+    """The config dict of `--config`: a run's config.json (its "config" entry, or the whole object)
+    or a YAML mapping; one clear error for anything else."""
+    from config import read_yaml
+
+    _check_file(path, "--config")
+    if not path.endswith(".json"):
+        return read_yaml(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    stored = stored.get("config", stored) if isinstance(stored, dict) else stored
+    if not isinstance(stored, dict):
+        raise ValueError(f"--config {path}: not a JSON object of config keys")
+    return stored
+
+
 def run_config(args):
-    """The run Config that built the training data: --config, else the one stored in --adaln,
-    else the defaults; --full_ckpt / --text_encoder override its codec and text encoder."""
+    """The run Config that built the training data: --config, else the one stored in --adaln (the
+    config that prepared its training data, else its run config), else the defaults; --full_ckpt /
+    --text_encoder override its codec and text encoder."""
+    from adaln import read_adaln_metadata
     from config import Config, apply_overrides
 
-    stored = {}
+    stored, where = {}, "defaults"
     if args.config:
-        _check_file(args.config, "--config")
-        if args.config.endswith(".json"):
-            with open(args.config) as f:
-                stored = json.load(f)
-            stored = stored.get("config", stored)
-        else:
-            import yaml
-
-            with open(args.config) as f:
-                stored = yaml.safe_load(f) or {}
+        stored, where = read_config_file(args.config), f"--config {args.config}"
     elif args.adaln:
         _check_file(args.adaln, "--adaln")
-        stored = torch.load(args.adaln, map_location="cpu", weights_only=False).get("config", {})
-    cfg = apply_overrides(Config(), stored, args.config or args.adaln or "defaults")
+        meta = read_adaln_metadata(args.adaln)
+        stored, where = meta.get("data_config") or meta.get("config") or {}, f"--adaln {args.adaln}"
+    cfg = apply_overrides(Config(), stored, where)
     overrides = {}
     if args.full_ckpt:  # official codec and text projection
         overrides.update(codec="ltx", codec_ckpt=args.full_ckpt, text_ckpt=args.full_ckpt)
@@ -605,6 +639,8 @@ def load_dit_from_args(args, device, dtype, av=False):
     cfg = run_config(args)
     try:
         model = load_dit(args.ckpt, av=av, device=device, dtype=dtype, strict=True)
+    except files.BadFile:  # damaged, truncated, NaN: the message names the file and says so
+        raise
     except (KeyError, RuntimeError, ValueError) as e:
         want = "--av needs an audio-video (LTX-2 / LTX-2.3 AV) checkpoint" if av else \
             "not a DiT checkpoint this model can load"
@@ -646,10 +682,7 @@ def load_pipeline(args, device, dtype):
                          "give the run's --config (or --full_ckpt for official weights)")
     adaln = None
     if args.adaln and args.ref_mode in ("adaln", "both"):
-        adaln = load_adaln_file(args.adaln, model).to(device).eval()
-        if speaker is None or speaker.dim != adaln.in_dim:
-            raise ValueError(f"--adaln {args.adaln} takes {adaln.in_dim}-d speaker features, the run config's "
-                             f"extractors {cfg.speaker_extractors} give {None if speaker is None else speaker.dim}")
+        adaln = load_adaln_file(args.adaln, model, speaker).to(device).eval()
     return model, codec, text_encoder, connector.eval(), adaln, speaker
 
 
@@ -685,31 +718,24 @@ def load_pipeline_av(args, device, dtype):
     return model, codec, text_encoder, tuple(connectors)
 
 
-def load_adaln_file(path, model):
-    """A SpeakerAdaLNZero from a train.py `adaln.pt` (any dict holding its state dict), sized from the
-    tensors themselves; raises naming the file when it does not fit `model`."""
-    from adaln import SpeakerAdaLNZero
+def load_adaln_file(path, model, speaker=None):
+    """A SpeakerAdaLNZero from train.py's `adaln.safetensors` (or an old `adaln.pt` that loads
+    without unpickling); raises naming the file when it does not fit `model` or was trained on the
+    features of other speaker extractors than `speaker`."""
+    from adaln import load_adaln
 
     _check_file(path, "--adaln")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    state = obj
-    for key in ("state", "adaln", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or "mlp.0.weight" not in state:
-        raise ValueError(f"--adaln {path}: no SpeakerAdaLNZero state dict (mlp.0.weight, heads.N.weight) inside")
-    hidden, in_dim = state["mlp.0.weight"].shape
-    num_blocks = len([k for k in state if k.startswith("heads.") and k.endswith(".weight")])
-    width = state["heads.0.weight"].shape[0]
-    if num_blocks != model.cfg.num_layers or width != model.cfg.ada_rows * model.cfg.dim:
-        raise ValueError(f"--adaln {path}: {num_blocks} heads of width {width}, but the DiT has "
-                         f"{model.cfg.num_layers} blocks of {model.cfg.ada_rows}x{model.cfg.dim}: made for another DiT")
-    module = SpeakerAdaLNZero(in_dim, num_blocks, model.cfg.dim, rows=model.cfg.ada_rows, hidden=hidden)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"--adaln {path}: {e}") from e
+    module, meta = load_adaln(path, rows=model.cfg.ada_rows)
+    if module.num_blocks != model.cfg.num_layers or module.rows * module.dim != model.cfg.ada_rows * model.cfg.dim:
+        raise ValueError(f"--adaln {path}: {module.num_blocks} heads of width {module.rows * module.dim}, but the DiT "
+                         f"has {model.cfg.num_layers} blocks of {model.cfg.ada_rows}x{model.cfg.dim}: made for another DiT")
+    if speaker is None or speaker.dim != module.in_dim:
+        raise ValueError(f"--adaln {path} takes {module.in_dim}-d speaker features, the run config's extractors "
+                         f"give {None if speaker is None else speaker.dim}")
+    want = meta.get("speaker_fingerprint")
+    if want and speaker.fingerprint() != want:
+        raise ValueError(f"--adaln {path} was trained on features of other speaker extractors "
+                         f"({meta.get('speaker_extractors')}, fingerprint {want}) than these ({speaker.fingerprint()})")
     return module
 
 
@@ -811,4 +837,6 @@ def main_av(args, prompts, seeds, device, dtype):
 
 
 if __name__ == "__main__":
-    main()
+    from config import run_cli
+
+    run_cli(main)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import Attention, FeedForward, load_prefixed_state, read_checkpoint_config, rms_norm, split_rope
+from files import load_prefixed_state, read_checkpoint_config
+from model import Attention, FeedForward, rms_norm, split_rope
 
 # Connector sizes for a randomly initialised connector, keyed like model.PRESETS: its width
 # heads*head_dim must be the DiT's text width (cross_attention_dim, or caption_channels for 2.0).

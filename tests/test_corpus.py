@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 import corpus
+import data
 
 MANIFEST_KEYS = {"audio", "text", "speaker", "ref_audio", "source", "id"}  # data.py's format
 
@@ -54,7 +55,7 @@ def test_manifests(tiny):
 
 
 def test_manifest_reads_with_data_py(tiny):
-    data = pytest.importorskip("data")  # the trainer's own reader is the reference for the format
+    """The trainer's own reader is the reference for the manifest format."""
     _, info = tiny
     items = data.read_manifest(info["manifests"]["train"])
     assert len(items) == 16 and all(os.path.isfile(i.audio) and i.speaker for i in items)

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora  # noqa: E402
 import merge  # noqa: E402
+import files  # noqa: E402
 import model as M  # noqa: E402
 from ltx_core.loader.fuse_loras import apply_loras  # noqa: E402
 from ltx_core.loader.primitives import LoraStateDictWithStrength, StateDict  # noqa: E402
@@ -210,7 +211,7 @@ def test_save_layout_metadata_and_roundtrip(tmp_path):
     assert a.shape == (4, CFG.dim) and b.shape == (4 * CFG.dim, 4)
     torch.testing.assert_close(b, m.lora_B.weight * 3.0)  # alpha/r = 12/4 folded into B
     assert not any(k.endswith(".alpha") for k in tensors)
-    meta = M.read_safetensors_metadata(path)
+    meta = files.read_safetensors_metadata(path)
     assert (meta["lora_rank"], meta["lora_alpha"], meta["base_model"], meta["step"]) == ("4", "12", "ltx-2.3-22b-dev", "340")
     assert json.loads(meta["lora_targets"])[0] == "transformer_blocks.0.audio_attn1.to_q"
 
@@ -358,7 +359,7 @@ def test_merge_py_is_a_drop_in_replacement(tmp_path):
 
     merged = M.load_dit(out, dtype=torch.float32).eval()
     torch.testing.assert_close(run(merged), unmerged, rtol=0, atol=1e-5)
-    base_meta, out_meta = M.read_safetensors_metadata(ckpt), M.read_safetensors_metadata(out)
+    base_meta, out_meta = files.read_safetensors_metadata(ckpt), files.read_safetensors_metadata(out)
     assert {k: out_meta[k] for k in base_meta} == base_meta
     assert json.loads(out_meta["merged_lora"])["layers"] == 20
     adapted = {f"{M.PREFIX}{n}.weight" for n, _ in lora.lora_modules(dit)}

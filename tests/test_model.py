@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import files  # noqa: E402
 import model as M  # noqa: E402
 from ltx_core.components.patchifiers import AudioPatchifier  # noqa: E402
 from ltx_core.guidance.perturbations import (  # noqa: E402
@@ -285,8 +286,8 @@ def test_load_dit_official_layout(tmp_path):
 
     # save keeps the metadata and the official layout; load gives the same weights back
     out = tmp_path / "merged.safetensors"
-    M.save_dit(dit, out, M.read_safetensors_metadata(path))
-    assert M.read_safetensors_metadata(out) == M.read_safetensors_metadata(path)
+    M.save_dit(dit, out, files.read_safetensors_metadata(path))
+    assert files.read_safetensors_metadata(out) == files.read_safetensors_metadata(path)
     back = M.load_dit(out)
     for (k, a), (k2, b) in zip(dit.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
@@ -314,7 +315,7 @@ def test_save_without_metadata_roundtrip(tmp_path):
     path = tmp_path / "micro.safetensors"
     connector = {"model.diffusion_model.audio_embeddings_connector.learnable_registers": torch.randn(4, 32)}
     M.save_dit(dit, path, extra=connector)
-    assert torch.equal(M.load_prefixed_state(path, "model.diffusion_model.audio_embeddings_connector.")
+    assert torch.equal(files.load_prefixed_state(path, "model.diffusion_model.audio_embeddings_connector.")
                        ["learnable_registers"], next(iter(connector.values())))
     with pytest.raises(ValueError, match="collide"):
         M.save_dit(dit, path, extra={M.PREFIX + "audio_proj_out.bias": torch.zeros(16)})
@@ -365,9 +366,9 @@ def test_load_prefixed_state_selects_and_strips(tmp_path):
     p = tmp_path / "mixed.safetensors"
     save_file({"vocoder.a": torch.ones(2), "vocoder.b.c": torch.zeros(3), "audio_vae.x": torch.ones(1)}, str(p),
               metadata={"config": "{}"})
-    state = M.load_prefixed_state(p, "vocoder.", keep=lambda k: k != "a", dtype=torch.float64)
+    state = files.load_prefixed_state(p, "vocoder.", keep=lambda k: k != "a", dtype=torch.float64)
     assert list(state) == ["b.c"] and state["b.c"].dtype == torch.float64
-    assert M.read_safetensors_metadata(p) == {"config": "{}"}
+    assert files.read_safetensors_metadata(p) == {"config": "{}"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
