@@ -20,7 +20,7 @@ A metric without its weights is reported as skipped, with the reason, never as a
 The LAIONBox protocol (v0.4 card: 6 prompts x 5 speakers x 2 seeds, plus unconditioned samples):
 
     python eval.py --eval_set laionbox --eval_yaml laionbox.yaml --variant adaln --samples_dir runs/eval \
-        --ckpt merged.safetensors --full_ckpt ltx-2.3.safetensors --adaln speaker_adaln.pt [sample.py flags]
+        --ckpt merged.safetensors --full_ckpt ltx-2.3.safetensors --adaln adaln.safetensors [sample.py flags]
 
 with laionbox.yaml:
 
@@ -90,9 +90,13 @@ def load_samples(dirs):
                 print(f"eval: {wav} has no sidecar {side.name}; skipped", file=sys.stderr)
                 continue
             try:
-                meta = json.loads(side.read_text())
+                meta = json.loads(side.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{side}: not UTF-8 (byte {e.start})") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{side}: not valid JSON ({e})") from e
+                raise ValueError(f"{side}: not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{side}: a sidecar must be a JSON object, not a {type(meta).__name__}")
             variant = variant_of(wav, meta)
             sid = f"{variant}/{wav.relative_to(d).with_suffix('')}"
             if any(s["id"] == sid for s in samples):
@@ -411,8 +415,10 @@ def loss_curves_svg(records, keys=("loss", "val_loss"), width=640, height=220):
 
 
 def read_metrics_jsonl(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--metrics_jsonl {path}: file not found")
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -535,10 +541,9 @@ def render_html(samples, table, skipped, *, baseline=None, curves=None, title="s
 
 def read_eval_set(path):
     """The eval-set YAML: prompts, speakers {name: wav}, seeds, unconditioned (bool)."""
-    import yaml
+    from config import read_yaml
 
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+    spec = read_yaml(path)  # one clear error for a list, invalid YAML or a file that is not UTF-8
     unknown = set(spec) - {"prompts", "speakers", "seeds", "unconditioned"}
     if unknown:
         raise KeyError(f"{path}: unknown keys {sorted(unknown)} (prompts, speakers, seeds, unconditioned)")
@@ -635,6 +640,13 @@ def main(argv=None):
     args = parse_args(argv)
     device = sample_lib.resolve_device(args.device)
     dirs = list(args.samples)
+    for d in dirs:  # before minutes of generating or scoring
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"--samples {d}: not a directory")
+    curves = {}
+    for spec in args.metrics_jsonl:
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
+        curves[name] = read_metrics_jsonl(path)
     if args.eval_set:
         if not args.eval_yaml or not args.ckpt:
             raise SystemExit("--eval_set laionbox needs --eval_yaml and --ckpt (plus sample.py's model flags)")
@@ -649,10 +661,6 @@ def main(argv=None):
         raise SystemExit("give --samples DIR ... or --eval_set laionbox")
     samples = load_samples(dirs)
     table, skipped = score_samples(samples, args, device, [g.strip() for g in args.metrics.split(",") if g.strip()])
-    curves = {}
-    for spec in args.metrics_jsonl:
-        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
-        curves[name] = read_metrics_jsonl(path)
     page = render_html(samples, table, skipped, baseline=args.baseline or None, curves=curves, title=args.title,
                        player_rate=args.player_rate, settings={"argv": sys.argv[1:] if argv is None else argv})
     Path(args.out).write_text(page)
@@ -666,4 +674,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from config import run_cli
+
+    run_cli(main)

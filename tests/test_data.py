@@ -6,7 +6,6 @@ tests pin data.py's own behaviour; `test_prepare_cli_with_real_models` runs the 
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -21,7 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import codec  # noqa: E402
 import data  # noqa: E402
+import files  # noqa: E402
 from config import Config  # noqa: E402
 from model import audio_positions  # noqa: E402
 
@@ -187,7 +188,7 @@ def test_cache_entry_contents(tmp_path):
     m = write_manifest(tmp_path / "m.jsonl", [{"audio": "a.wav", "text": "hello"}])
     cfg = make_cfg(tmp_path, m)
     run_prepare(cfg)
-    entry = data.load_file(str(data.entry_path(train_cache(cfg), "a.wav")))
+    entry = files.load_safetensors(str(data.entry_path(train_cache(cfg), "a.wav")))
     codec = FakeCodec()
     wav = torch.from_numpy(sf.read(tmp_path / "a.wav", dtype="float32")[0])
     torch.testing.assert_close(entry["latent"], codec.encode(wav[None, None])[0], rtol=0, atol=0)
@@ -195,7 +196,7 @@ def test_cache_entry_contents(tmp_path):
     torch.testing.assert_close(entry["text"], feats[0, -5:])  # valid tokens only, no padding rows
     # speaker features see the clip peak-normalised to -4 dBFS, as sample.py gives a --ref
     torch.testing.assert_close(entry["speaker"], FakeSpeaker()(wav[None] * (data.REF_PEAK / wav.abs().max()))[0])
-    shared = data.load_file(str(train_cache(cfg) / "shared.safetensors"))
+    shared = files.load_safetensors(str(train_cache(cfg) / "shared.safetensors"))
     torch.testing.assert_close(shared["silence"], torch.full((8,), 0.1))  # codec(zeros) = bias
     assert shared["null_text"].shape == (0, 4)  # the empty prompt has no tokens in this text double
 
@@ -218,11 +219,11 @@ def test_stale_cache_is_reencoded(tmp_path):
     assert run_prepare(cfg, codec=FakeCodec("v2"), speaker=False)["encoded"] == 2
     # a source file changed on disk: only that item
     path = data.entry_path(train_cache(cfg), "a.wav")
-    old = data.load_file(str(path))["latent"]
+    old = files.load_safetensors(str(path))["latent"]
     sf.write(tmp_path / "a.wav", tone(1.0, 500), SR)
     counts = run_prepare(cfg, codec=FakeCodec("v2"), speaker=False)
     assert counts["encoded"] == 1 and counts["reused"] == 1
-    assert not torch.equal(old, data.load_file(str(path))["latent"])
+    assert not torch.equal(old, files.load_safetensors(str(path))["latent"])
     # the text changed in the manifest
     write_manifest(m, [rows[0], {"audio": "b.wav", "text": "three"}])
     counts = run_prepare(cfg, codec=FakeCodec("v2"), speaker=False)
@@ -260,7 +261,7 @@ def drama_cache(tmp_path):
 
 
 def entry(cfg, item_id):
-    return data.load_file(str(data.entry_path(train_cache(cfg), item_id)))
+    return files.load_safetensors(str(data.entry_path(train_cache(cfg), item_id)))
 
 
 def one_batch(cfg, i, seed=0, **kw):
@@ -565,16 +566,12 @@ def test_precomputed_video_audio_duration_mismatch(tmp_path):
 
 
 def test_prepare_cli_with_real_models(tmp_path, capsys):
-    codec = pytest.importorskip("codec")
-    pytest.importorskip("text")
     sf.write(tmp_path / "a.wav", tone(1.0), SR)
     sf.write(tmp_path / "b.wav", tone(1.5, sr=24000), 24000)
     write_manifest(tmp_path / "m.jsonl", [{"audio": "a.wav", "text": "one", "speaker": "s"},
                                           {"audio": "b.wav", "text": "two", "speaker": "s"}])
     args = ["prepare", f"--manifest={tmp_path / 'm.jsonl'}", f"--cache_dir={tmp_path / 'cache'}",
             "--device=cpu", "--min_seconds=0.5", "--max_text_len=64"]
-    if importlib.util.find_spec("speaker") is None:  # speaker.py not written yet: no extractors
-        args.append("--speaker_extractors=[]")
     data.main(args)
     assert "2 encoded, 0 reused" in capsys.readouterr().out
     data.main(args)

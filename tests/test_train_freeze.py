@@ -1,6 +1,9 @@
-"""The bf16 freeze (Adam steps below half a bf16 spacing round to nothing): reproduced with plain bf16 AdamW, fixed by fp32 master weights."""
+"""The bf16 freeze (Adam steps below half a bf16 spacing round to nothing): reproduced with plain
+bf16 AdamW, fixed by fp32 master weights; and the bucketed gradient all-reduce over 2 gloo ranks."""
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from train import MasterWeights, allreduce_grads, weight_change
 
@@ -69,3 +72,45 @@ def test_allreduce_single_process_is_identity():
     p.grad = torch.full((3,), 2.0)
     allreduce_grads([p], world=1)
     assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+# (shape, dtype) of the params averaged below; with bucket_numel=8 the first two share a bucket,
+# the third (bf16) and the fourth share a second one, the fifth fills a third on its own
+SHAPES = [((5,), torch.float32), ((3, 4), torch.float32), ((7,), torch.bfloat16), ((2,), torch.float32),
+          ((9,), torch.float32)]
+
+
+def _rank_grads(rank):
+    """Rank `rank`'s gradients; the fourth param has none on rank 0 (it counts as zeros there)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    grads = [torch.randn(shape, generator=g).to(dtype) for shape, dtype in SHAPES]
+    if rank == 0:
+        grads[3] = None
+    return grads
+
+
+def _allreduce_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in SHAPES]
+        for p, grad in zip(params, _rank_grads(rank)):
+            p.grad = grad
+        allreduce_grads(params, world, bucket_numel=8)
+        torch.save([p.grad for p in params], f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_allreduce_averages_in_buckets_over_two_gloo_ranks(tmp_path):
+    """Each rank ends with the fp32 mean of both ranks' gradients, in its param's dtype, across
+    several buckets; a missing gradient counts as zeros."""
+    mp.spawn(_allreduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    per_rank = [_rank_grads(r) for r in range(2)]
+    want = []
+    for (shape, dtype), g0, g1 in zip(SHAPES, *per_rank):
+        g0 = torch.zeros(shape) if g0 is None else g0.float()
+        want.append(((g0 + g1.float()) / 2).to(dtype))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for w, g in zip(want, got):
+            assert g.dtype == w.dtype and torch.equal(g, w)
