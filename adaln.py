@@ -117,10 +117,15 @@ def read_adaln_metadata(path):
 
 
 def load_adaln(path, rows=None):
-    """(SpeakerAdaLNZero in eval mode, metadata) from `read_adaln_file`. The sizes come from the
-    tensors; `rows` (modulation rows per block) from the metadata, else the argument (an old
-    `adaln.pt` does not record it). Errors name the file."""
+    """(SpeakerAdaLNZero in eval mode, metadata) of a file (`read_adaln_file`, `adaln_from_state`)."""
     state, meta = read_adaln_file(path)
+    return adaln_from_state(state, meta, path, rows), meta
+
+
+def adaln_from_state(state, meta, path, rows=None):
+    """The SpeakerAdaLNZero (eval mode) holding `state`. The sizes come from the tensors; `rows`
+    (modulation rows per block) from the metadata, else the argument (an old `adaln.pt` does not
+    record it). Errors name the file `path`."""
     if "mlp.0.weight" not in state or "heads.0.weight" not in state:
         raise files.BadFile(f"{path}: no SpeakerAdaLNZero tensors (mlp.0.weight, heads.N.weight) inside")
     hidden, in_dim = state["mlp.0.weight"].shape
@@ -134,4 +139,4 @@ def load_adaln(path, rows=None):
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: tensors do not match a SpeakerAdaLNZero: {str(e).splitlines()[0]}") from None
-    return module.eval(), meta
+    return module.eval()

@@ -132,6 +132,7 @@ class Config:
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
     cpu_threads: int = 0  # torch threads of every step (OMP_NUM_THREADS); 0 = torch's default
+    train_processes: int = 1  # per training stage; > 1 launches it with torchrun (run.sh --gpus N sets it)
     debug: bool = False  # expected errors print the traceback too (see run_cli), not just one line
 
 

@@ -28,6 +28,7 @@ target. 0..`max_silence_frames` latent frames of silence are prepended to the ta
 is replaced by the empty prompt's features with probability `text_dropout`.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -43,9 +44,9 @@ import soundfile as sf
 import torch
 import torchaudio
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import files
 from codec import to_channels
 from model import PRESETS, audio_positions, video_positions
 from text import left_pad_features
@@ -89,34 +90,43 @@ def read_manifest(path):
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     root = path.parent
-    items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
-            unknown = set(row) - MANIFEST_KEYS
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(MANIFEST_KEYS)}")
-            if not isinstance(row.get("audio"), str) or not row["audio"].strip():
-                raise ValueError(f"{where}: 'audio' (a path) is required")
-            for key in MANIFEST_KEYS - {"audio"}:
-                if row.get(key) is not None and not isinstance(row[key], str):
-                    raise ValueError(f"{where}: '{key}' must be a string, got {row[key]!r}")
-            audio = str((root / row["audio"]).resolve())
-            ref = str((root / row["ref_audio"]).resolve()) if row.get("ref_audio") else ""
-            item_id = row.get("id") or row["audio"]
-            if item_id in seen:
-                raise ValueError(f"{where}: duplicate item id '{item_id}' (first at line {seen[item_id]})")
-            seen[item_id] = lineno
-            items.append(Item(item_id, audio, (row.get("text") or "").strip(), row.get("speaker") or "",
-                              ref, row.get("source") or "default", where))
+    items, seen, seen_audio = [], {}, {}
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start}, line {line}); save the manifest as UTF-8") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+        unknown = set(row) - MANIFEST_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(MANIFEST_KEYS)}")
+        if not isinstance(row.get("audio"), str) or not row["audio"].strip():
+            raise ValueError(f"{where}: 'audio' (a path) is required")
+        for key in MANIFEST_KEYS - {"audio"}:
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise ValueError(f"{where}: '{key}' must be a string, got {row[key]!r}")
+        audio = os.path.realpath(root / row["audio"])  # links and ./, ../ spellings name one file
+        ref = os.path.realpath(root / row["ref_audio"]) if row.get("ref_audio") else ""
+        item_id = row.get("id") or row["audio"]
+        if item_id in seen:
+            raise ValueError(f"{where}: duplicate item id '{item_id}' (first at line {seen[item_id]})")
+        if not row.get("id") and audio in seen_audio:
+            raise ValueError(f"{where}: duplicate item: {row['audio']!r} is the file of line {seen_audio[audio]} "
+                             f"({audio}); give each an 'id' if both are meant")
+        seen[item_id] = lineno
+        seen_audio.setdefault(audio, lineno)
+        items.append(Item(item_id, audio, (row.get("text") or "").strip(), row.get("speaker") or "",
+                          ref, row.get("source") or "default", where))
     if not items:
         raise ValueError(f"manifest {path} has no items")
     return items
@@ -135,6 +145,10 @@ def read_audio(path, sample_rate, channels, min_seconds=0.0, max_seconds=math.in
     """
     if not os.path.isfile(path):
         raise BadInput("missing_file", f"{path}: file not found")
+    missing = wav_shortfall(path)
+    if missing:
+        raise BadInput("truncated", f"{path}: truncated WAV: its header announces {missing} more bytes of audio "
+                                    "than the file holds")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)  # (N, C)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError
@@ -154,6 +168,23 @@ def read_audio(path, sample_rate, channels, min_seconds=0.0, max_seconds=math.in
     if sr != sample_rate:
         wav = torchaudio.functional.resample(wav, sr, sample_rate)
     return wav, sr != sample_rate
+
+
+def wav_shortfall(path):
+    """Bytes of audio a RIFF/WAVE file's `data` chunk announces beyond the end of the file (0 when
+    complete, or not a WAV): libsndfile reads a cut-off WAV up to where it ends without a word."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        while len(chunk := f.read(8)) == 8:
+            n = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                # 0 and 0xFFFFFFFF: a streamed WAV whose writer never filled in the size
+                return 0 if n in (0, 0xFFFFFFFF) else max(0, f.tell() + n - size)
+            f.seek(n + (n & 1), 1)  # chunks are padded to an even size
+    return 0
 
 
 def file_stamp(path):
@@ -206,11 +237,9 @@ def entry_path(cache_dir, item_id):
 
 
 def save_atomic(tensors, path, metadata):
-    """safetensors file written to a temp name, then renamed: a crash never leaves half a file."""
+    """A cache file, written atomically (files.save_safetensors): a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    files.save_safetensors(tensors, path, metadata)
 
 
 def entry_is_fresh(path, fingerprint, item):
@@ -273,7 +302,7 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
     cache_dir = Path(cache_dir)
     fingerprint = settings_hash(cfg, codec, fingerprints)
     counts = Counter()
-    index = []
+    index, skipped_items = [], []
     for item in tqdm(items, desc="prepare", unit="item", file=sys.stderr):
         path = entry_path(cache_dir, item.id)
         try:
@@ -304,6 +333,7 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
             if not cfg.skip_bad:
                 raise
             counts[f"skipped:{e.reason}"] += 1
+            skipped_items.append({"where": item.where, "audio": item.audio, "reason": e.reason, "message": str(e)})
             continue
         index.append({"id": item.id, "file": path.name, "speaker": item.speaker, "source": item.source,
                       "frames": frames, "has_ref": bool(item.ref_audio)})
@@ -311,17 +341,41 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
         raise ValueError(f"{manifest}: no usable items (summary: {dict(counts)})")
     shared = {"silence": silence_latent(codec, device), "null_text": encode_text(text_encoder, "")}
     save_atomic(shared, cache_dir / "shared.safetensors", {"fingerprint": fingerprint})
-    tmp = cache_dir / f"index.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
+    skipped_path = write_skipped(cache_dir, skipped_items)
+    files.write_text(cache_dir / "index.json", json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
                                "fingerprints": fingerprints, "tokens_per_second": codec.tokens_per_second,
                                "max_text_len": cfg.max_text_len,
                                "manifest": str(Path(manifest).resolve()), "manifest_stamp": file_stamp(manifest),
-                               "items": index}, indent=1))
-    os.replace(tmp, cache_dir / "index.json")
+                               "items": index, "config": dataclasses.asdict(cfg)}, indent=1))
     skipped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("skipped:")}
     print(f"prepare {manifest}: {counts['encoded']} encoded, {counts['reused']} reused, "
-          f"{sum(skipped.values())} skipped {skipped}, {counts['resampled']} resampled -> {cache_dir}")
+          f"{sum(skipped.values())} skipped {skipped}, {counts['resampled']} resampled -> {cache_dir}"
+          + (f" (the skipped files and why: {skipped_path})" if skipped_path else ""))
     return counts
+
+
+def write_skipped(cache_dir, skipped_items):
+    """`cache_dir/skipped.jsonl`: one line per input `skip_bad` left out (manifest line, file, reason,
+    message), so that none is lost without a name; removed when nothing was skipped. Returns its
+    path, or None."""
+    path = Path(cache_dir) / "skipped.jsonl"
+    if not skipped_items:
+        path.unlink(missing_ok=True)  # a previous run's list would name files that are fine now
+        return None
+    files.write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped_items))
+    return path
+
+
+def prepared_config(cfg, split="train"):
+    """(the config that prepared the cache of `split`, as a dict, and its speaker extractors'
+    fingerprint) from its index.json: what sampling must build the codec, text encoder and speaker
+    extractors from. (None, "") for a cache made before the config was recorded."""
+    index_path = Path(cfg.cache_dir) / split / "index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ""
+    return index.get("config"), (index.get("fingerprints") or {}).get("speaker", "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +423,7 @@ class CachedDataset:
         index = json.loads(index_path.read_text())
         if index.get("version") != CACHE_VERSION:
             raise ValueError(f"{index_path}: cache version {index.get('version')} != {CACHE_VERSION}; re-run prepare")
-        shared = load_file(str(self.cache_dir / "shared.safetensors"))
+        shared = files.load_safetensors(self.cache_dir / "shared.safetensors")
         self.silence, self.null_text = shared["silence"], shared["null_text"]
         if index["max_text_len"] != cfg.max_text_len:
             raise ValueError(f"{index_path}: text features were cached with max_text_len={index['max_text_len']}, "
@@ -389,7 +443,7 @@ class CachedDataset:
         return len(self.items)
 
     def load(self, i):
-        return load_file(str(self.cache_dir / "items" / self.items[i]["file"]))
+        return files.load_safetensors(self.cache_dir / "items" / self.items[i]["file"])
 
     def example(self, i, rng):
         """Example for item `i`: mode drawn from `clone_probs`; the partner is the item's ref_audio
@@ -656,7 +710,10 @@ class PrecomputedDataset:
 
     def check_audio(self, path, video_file):
         """Validate one audio latent file and return its frame count; BadInput names the file."""
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            data = files.torch_load(path, mmap=True)
+        except files.BadFile as e:  # damaged, or a pickle we do not run: one more bad input
+            raise BadInput("unreadable", str(e)) from None
         missing = {"latents", "num_time_steps", "frequency_bins", "duration"} - set(data)
         if missing:
             raise BadInput("bad_audio", f"{path}: missing keys {sorted(missing)}")
@@ -671,7 +728,7 @@ class PrecomputedDataset:
             raise BadInput("audio_length", f"{path}: {lat.shape[1]} audio latent frames for duration "
                                            f"{float(data['duration']):.3f} s, expected {want}; audio must "
                                            f"not be stretched or cut away from its duration")
-        video = torch.load(video_file, map_location="cpu", weights_only=True, mmap=True)  # reads metadata only
+        video = files.torch_load(video_file, mmap=True)  # reads metadata only
         if "fps" in video and "num_frames" in video:
             seconds = video_seconds(video)
             if abs(seconds - float(data["duration"])) > 1 / self.tokens_per_second:
@@ -686,7 +743,7 @@ class PrecomputedDataset:
         """One sample: audio (T, 128) with feature c*16+f, or None; text (L, D) audio prompt features of
         the valid tokens; video_text likewise; video latents and their metadata as stored."""
         s = self.samples[i]
-        cond = torch.load(s["conditions"], map_location="cpu", weights_only=True)
+        cond = files.torch_load(s["conditions"])
         if "audio_prompt_embeds" not in cond:
             raise ValueError(f"{s['conditions']}: no audio_prompt_embeds (keys {sorted(cond)}); re-run "
                              f"process_dataset.py with an LTX-2 checkpoint that has the audio text projection")
@@ -696,9 +753,9 @@ class PrecomputedDataset:
                              f"max_text_len={self.cfg.max_text_len}")
         out = {"id": s["id"], "text": cond["audio_prompt_embeds"][mask].float(),
                "video_text": cond["video_prompt_embeds"][mask].float(),
-               "video": torch.load(s["video"], map_location="cpu", weights_only=True), "audio": None}
+               "video": files.torch_load(s["video"]), "audio": None}
         if s["audio"] is not None:
-            lat = torch.load(s["audio"], map_location="cpu", weights_only=True)["latents"]  # (C, T, 16)
+            lat = files.torch_load(s["audio"])["latents"]  # (C, T, 16)
             out["audio"] = lat.permute(1, 0, 2).reshape(lat.shape[1], -1).float()  # (T, C*16)
         return out
 
@@ -773,6 +830,9 @@ def main(argv):
     cfg = load_config(argv[1:])
     if not cfg.manifest:
         raise SystemExit("prepare needs --manifest=path/to/manifest.jsonl")
+    for manifest in (cfg.manifest, cfg.val_manifest):  # structural errors before minutes of model loading
+        if manifest:
+            read_manifest(manifest)
     print(format_config(cfg))
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     codec, text_encoder, speaker, fingerprints = load_models(cfg, device)
@@ -780,4 +840,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from config import run_cli
+
+    run_cli(main)

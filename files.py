@@ -100,6 +100,11 @@ def torch_load(path, mmap=False):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
+        raise BadFile(f"{path}: not a torch file (neither torch.save's zip archive nor a pickle; "
+                      f"it starts with {magic!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

@@ -13,7 +13,7 @@ to the next:
     base   runs/<name>_base/dit.safetensors        (the DiT + text connector, from scratch)
     lora   runs/<name>_lora/lora.safetensors       (stage 1 on the frozen base)
     merge  runs/<name>/merged.safetensors          (merge.py: the LoRA folded into the base)
-    adaln  runs/<name>_adaln/adaln.pt              (stage 2: SpeakerAdaLNZero on the frozen merge)
+    adaln  runs/<name>_adaln/adaln.safetensors     (stage 2: SpeakerAdaLNZero on the frozen merge)
 
 `sample` speaks every validation prompt with one held-out reference clip of each speaker (the
 corpus's `val` split: seen by neither the generator's training nor the judge) in three variants:
@@ -41,7 +41,7 @@ from pathlib import Path
 from config import config_dict, load_config
 
 STEPS = ("corpus", "prepare", "base", "lora", "merge", "adaln", "sample", "eval")
-STAGE_OUTPUT = {"base": "dit.safetensors", "lora": "lora.safetensors", "adaln": "adaln.pt"}
+STAGE_OUTPUT = {"base": "dit.safetensors", "lora": "lora.safetensors", "adaln": "adaln.safetensors"}
 VARIANTS = ("baseline", "adaln", "adaln_guided")
 HERE = Path(__file__).resolve().parent
 REPORT_PLAYER_RATE = 8000  # the report embeds every sample and its reference: 8 kHz halves its size
@@ -91,11 +91,12 @@ CONFIG_LINE = re.compile(r'^[a-z][a-z_0-9]*: (".*"|-?[0-9.e+-]+|true|false|null|
 THREAD_ENV = {}  # OMP_NUM_THREADS for the step processes, set by main() from `cpu_threads`
 
 
-def run_command(args, log_path):
-    """Run `args` (a list) with this Python; its output is shown (progress bars on stderr as they
-    are, the resolved-config dump left out) and kept whole in `log_path`. Raises on failure."""
-    cmd = [sys.executable, str(HERE / args[0]), *map(str, args[1:])]
-    print("  $ python " + " ".join(map(str, args)), flush=True)
+def run_command(args, log_path, launcher=()):
+    """Run `args` (a list) with this Python (after `launcher`, e.g. torchrun's module and flags); its
+    output is shown (progress bars on stderr as they are, the resolved-config dump left out) and
+    kept whole in `log_path`. Raises on failure."""
+    cmd = [sys.executable, *launcher, str(HERE / args[0]), *map(str, args[1:])]
+    print("  $ python " + " ".join(map(str, [*launcher, *args])), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", buffering=1) as log:  # line-buffered: the log is readable while it runs
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -144,7 +145,10 @@ def train_stage(stage, ckpt):
         stage_yaml = [cfg.stage_configs[stage]] if stage in cfg.stage_configs else []
         args = ["train.py", *yamls, *stage_yaml, *overrides, f"--stage={stage}", f"--name={cfg.name}_{stage}",
                 f"--manifest={p['train']}", f"--val_manifest={p['val']}", f"--ckpt={p[ckpt] if ckpt else ''}"]
-        run_command(args, p["run"] / "logs" / f"{stage}.log")
+        # train_processes > 1: the same command under torchrun, one process per GPU (or gloo CPU process)
+        n = cfg.train_processes
+        launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}") if n > 1 else ()
+        run_command(args, p["run"] / "logs" / f"{stage}.log", launcher)
         if not p[stage].is_file():
             raise RuntimeError(f"train.py --stage={stage} finished without writing {p[stage]}")
     return step

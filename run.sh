@@ -8,7 +8,8 @@
 #   ./run.sh configs/tiny.yaml                          # a pipeline config: every stage in order
 #
 # Without --gpus: all visible GPUs, or the CPU when there are none. A config with a `pipeline:`
-# list runs pipeline.py (corpus → prepare → train stages → merge → sample → eval) instead.
+# list runs pipeline.py (corpus → prepare → train stages → merge → sample → eval) instead; there
+# --gpus N (and --cpu) run each training stage as N torchrun processes (its `train_processes` key).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -30,7 +31,14 @@ done
 [ ${#rest[@]} -gt 0 ] || { echo "usage: ./run.sh [--gpus N] CONFIG.yaml [--key=value ...]" >&2; exit 2; }
 
 if grep -qE '^pipeline:' "${rest[0]}" 2>/dev/null; then
-  exec "$PY" pipeline.py "${rest[@]}"
+  # pipeline.py launches each training stage itself (under torchrun when its `train_processes` key is > 1)
+  if [ ${#torchrun_args[@]} -gt 0 ]; then
+    echo "run.sh: ${torchrun_args[*]}: multi-node options are for training configs, not pipeline configs" >&2; exit 2
+  fi
+  extra=()
+  if [ "$gpus" = "0" ]; then extra+=(--train_processes=1 --device=cpu); elif [ -n "$gpus" ]; then extra+=("--train_processes=$gpus"); fi
+  if [ "$cpu" = "1" ]; then extra+=(--device=cpu); fi
+  exec "$PY" pipeline.py "${rest[@]}" "${extra[@]}"
 fi
 
 if [ -z "$gpus" ]; then

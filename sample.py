@@ -606,10 +606,10 @@ def read_config_file(path):
     return stored
 
 
-def run_config(args):
+def run_config(args, adaln_meta=None):
     """The run Config that built the training data: --config, else the one stored in --adaln (the
-    config that prepared its training data, else its run config), else the defaults; --full_ckpt /
-    --text_encoder override its codec and text encoder."""
+    config that prepared its training data, else its run config; `adaln_meta` when read already),
+    else the defaults; --full_ckpt / --text_encoder override its codec and text encoder."""
     from adaln import read_adaln_metadata
     from config import Config, apply_overrides
 
@@ -618,7 +618,7 @@ def run_config(args):
         stored, where = read_config_file(args.config), f"--config {args.config}"
     elif args.adaln:
         _check_file(args.adaln, "--adaln")
-        meta = read_adaln_metadata(args.adaln)
+        meta = adaln_meta if adaln_meta is not None else read_adaln_metadata(args.adaln)
         stored, where = meta.get("data_config") or meta.get("config") or {}, f"--adaln {args.adaln}"
     cfg = apply_overrides(Config(), stored, where)
     overrides = {}
@@ -629,14 +629,14 @@ def run_config(args):
     return apply_overrides(cfg, overrides, "sample.py flags")
 
 
-def load_dit_from_args(args, device, dtype, av=False):
+def load_dit_from_args(args, device, dtype, av=False, adaln_meta=None):
     """(run config, DiT in eval mode with --lora applied) from the CLI flags; clear errors naming the files."""
     from model import load_dit
 
     _check_file(args.ckpt, "--ckpt")
     if args.full_ckpt:
         _check_file(args.full_ckpt, "--full_ckpt")
-    cfg = run_config(args)
+    cfg = run_config(args, adaln_meta)
     try:
         model = load_dit(args.ckpt, av=av, device=device, dtype=dtype, strict=True)
     except files.BadFile:  # damaged, truncated, NaN: the message names the file and says so
@@ -658,7 +658,13 @@ def load_pipeline(args, device, dtype):
     import data
     import text
 
-    cfg, model = load_dit_from_args(args, device, dtype)
+    adaln_file = None
+    if args.adaln and args.ref_mode in ("adaln", "both"):  # read (and checked) before minutes of model loading
+        from adaln import read_adaln_file
+
+        _check_file(args.adaln, "--adaln")
+        adaln_file = read_adaln_file(args.adaln)
+    cfg, model = load_dit_from_args(args, device, dtype, adaln_meta=adaln_file[1] if adaln_file else None)
     codec, text_encoder, speaker, _ = data.load_models(cfg, torch.device(device))
     connector = None
     for path in (args.ckpt, args.full_ckpt):  # a train.py DiT file carries its connector; else the full file
@@ -681,8 +687,8 @@ def load_pipeline(args, device, dtype):
                          f"but the codec gives {codec.latent_dim} and the connector {text_width}: "
                          "give the run's --config (or --full_ckpt for official weights)")
     adaln = None
-    if args.adaln and args.ref_mode in ("adaln", "both"):
-        adaln = load_adaln_file(args.adaln, model, speaker).to(device).eval()
+    if adaln_file is not None:
+        adaln = adaln_for(args.adaln, *adaln_file, model, speaker).to(device).eval()
     return model, codec, text_encoder, connector.eval(), adaln, speaker
 
 
@@ -718,14 +724,14 @@ def load_pipeline_av(args, device, dtype):
     return model, codec, text_encoder, tuple(connectors)
 
 
-def load_adaln_file(path, model, speaker=None):
-    """A SpeakerAdaLNZero from train.py's `adaln.safetensors` (or an old `adaln.pt` that loads
-    without unpickling); raises naming the file when it does not fit `model` or was trained on the
-    features of other speaker extractors than `speaker`."""
-    from adaln import load_adaln
+def adaln_for(path, state, meta, model, speaker=None):
+    """The SpeakerAdaLNZero of train.py's `adaln.safetensors` at `path` (or an old `adaln.pt` that
+    loads without unpickling), from its `state` and `meta` (adaln.read_adaln_file); raises naming
+    the file when it does not fit `model` or was trained on the features of other speaker
+    extractors than `speaker`."""
+    from adaln import adaln_from_state
 
-    _check_file(path, "--adaln")
-    module, meta = load_adaln(path, rows=model.cfg.ada_rows)
+    module = adaln_from_state(state, meta, path, rows=model.cfg.ada_rows)
     if module.num_blocks != model.cfg.num_layers or module.rows * module.dim != model.cfg.ada_rows * model.cfg.dim:
         raise ValueError(f"--adaln {path}: {module.num_blocks} heads of width {module.rows * module.dim}, but the DiT "
                          f"has {model.cfg.num_layers} blocks of {model.cfg.ada_rows}x{model.cfg.dim}: made for another DiT")

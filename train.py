@@ -496,10 +496,17 @@ def export_weights(cfg, parts, trainable, masters, run_dir, tag=""):
         path = os.path.join(run_dir, f"lora{tag}.safetensors")
         lora.save_lora(parts["dit"], path, base_model_id=cfg.ckpt or cfg.model, state=state)
     else:
-        path = os.path.join(run_dir, f"adaln{tag}.pt")
-        atomic_save({"state_dict": {k[len("adaln."):]: v for k, v in state.items()}, "config": config_dict(cfg),
-                     "speaker_extractors": cfg.speaker_extractors}, path)
+        path = export_adaln(cfg, parts, state, os.path.join(run_dir, f"adaln{tag}.safetensors"))
     return path
+
+
+def export_adaln(cfg, parts, state, path):
+    """The SpeakerAdaLNZero's weights (the `adaln.` entries of `state`) at `path` (safetensors), with
+    the run config and the config that prepared its training data, which sampling builds from."""
+    data_config, fingerprint = data.prepared_config(cfg)
+    return adaln_lib.save_adaln(parts["adaln"], path, config=config_dict(cfg), data_config=data_config,
+                                speaker_fingerprint=fingerprint,
+                                state={k[len("adaln."):]: v for k, v in state.items() if k.startswith("adaln.")})
 
 
 # -----------------------------------------------------------------------------------------------

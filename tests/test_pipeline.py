@@ -35,7 +35,7 @@ def test_stage_outputs_chain(run):
     tmp, _ = run
     runs = tmp / "runs"
     for path in ("smoke_base/dit.safetensors", "smoke_lora/lora.safetensors", "smoke/merged.safetensors",
-                 "smoke_adaln/adaln.pt", "smoke/judge.pt", "smoke/report.html"):
+                 "smoke_adaln/adaln.safetensors", "smoke/judge.pt", "smoke/report.html"):
         assert (runs / path).is_file(), path
     # each stage trained on top of the previous stage's output
     lora_cfg = json.loads((runs / "smoke_lora" / "config.json").read_text())["config"]
