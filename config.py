@@ -77,6 +77,7 @@ class Config:
     val_every: int = 50
     ckpt_every: int = 50
     resume: bool = False  # continue from runs/<name>/checkpoint.pt (bit-identical to no interruption)
+    overwrite: bool = False  # replace the run already in runs/<name>/ (without it, train.py refuses)
     beta1: float = 0.9
     beta2: float = 0.999
     param_dtype: str = "fp32"  # storage dtype of the DiT: bf16 at scale, fp32 for CPU autocast runs

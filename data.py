@@ -232,6 +232,39 @@ def settings_hash(cfg, codec, fingerprints):
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def cache_settings(cfg):
+    """The config values a cache's tensors depend on, by key: `prepare` records them in index.json and
+    training compares its own config with them (`check_cache_settings`). Speaker features are
+    what stage 2 reads."""
+    keys = ["codec", "text_encoder", "max_text_len", "speaker_extractors", "speaker_paths"]
+    keys += ["mel_n_mels", "mel_n_fft", "mel_mean", "mel_std"] if cfg.codec == "mel" else ["codec_ckpt"]
+    if cfg.text_encoder == "byte" or not (cfg.text_ckpt or cfg.ckpt):
+        keys.append("seed")  # it draws the byte encoder's Gemma, and a projection no checkpoint gives
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def check_cache_settings(cfg, cache_dir):
+    """Raise a ValueError naming every setting in which `cfg` differs from the one that prepared the
+    cache in `cache_dir` (a model trained on latents of other mel settings, or text features of
+    another encoder, would learn and then sample with the wrong ones)."""
+    index_path = Path(cache_dir) / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} not found: run `python data.py prepare` first")
+    try:
+        recorded = json.loads(index_path.read_text()).get("settings")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{index_path}: damaged cache index ({e}); re-run `python data.py prepare`") from None
+    if recorded is None:
+        raise ValueError(f"{index_path}: the cache does not record the settings it was made with; re-run "
+                         "`python data.py prepare` with this config (it reuses every entry still valid)")
+    ignored = () if cfg.stage == "adaln" else ("speaker_extractors", "speaker_paths")  # only stage 2 reads them
+    differ = [f"{k}={recorded[k]!r} (this run: {getattr(cfg, k)!r})" for k in sorted(recorded)
+              if k not in ignored and hasattr(cfg, k) and recorded[k] != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"{index_path}: the cache was prepared with {', '.join(differ)}; re-run "
+                         "`python data.py prepare` with this run's settings, or train with the cache's")
+
+
 def entry_path(cache_dir, item_id):
     return Path(cache_dir) / "items" / f"{hashlib.sha1(item_id.encode()).hexdigest()[:20]}.safetensors"
 
@@ -344,7 +377,7 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
     skipped_path = write_skipped(cache_dir, skipped_items)
     files.write_text(cache_dir / "index.json", json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
                                "fingerprints": fingerprints, "tokens_per_second": codec.tokens_per_second,
-                               "max_text_len": cfg.max_text_len,
+                               "max_text_len": cfg.max_text_len, "settings": cache_settings(cfg),
                                "manifest": str(Path(manifest).resolve()), "manifest_stamp": file_stamp(manifest),
                                "items": index, "config": dataclasses.asdict(cfg)}, indent=1))
     skipped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("skipped:")}

@@ -143,8 +143,10 @@ def train_stage(stage, ckpt):
     """The step that trains `stage` on top of `ckpt` (a path key of `paths`, or None)."""
     def step(cfg, p, yamls, overrides):
         stage_yaml = [cfg.stage_configs[stage]] if stage in cfg.stage_configs else []
-        args = ["train.py", *yamls, *stage_yaml, *overrides, f"--stage={stage}", f"--name={cfg.name}_{stage}",
-                f"--manifest={p['train']}", f"--val_manifest={p['val']}", f"--ckpt={p[ckpt] if ckpt else ''}"]
+        # a pipeline run redoes its stages: each replaces its previous run (train.py refuses without it)
+        args = ["train.py", *yamls, *stage_yaml, "--overwrite=true", *overrides, f"--stage={stage}",
+                f"--name={cfg.name}_{stage}", f"--manifest={p['train']}", f"--val_manifest={p['val']}",
+                f"--ckpt={p[ckpt] if ckpt else ''}"]
         # train_processes > 1: the same command under torchrun, one process per GPU (or gloo CPU process)
         n = cfg.train_processes
         launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}") if n > 1 else ()

@@ -17,6 +17,7 @@ noise and σ.
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,12 +38,13 @@ from torch.utils.checkpoint import checkpoint
 import adaln as adaln_lib
 import codec as codec_lib
 import data
+import files
 import lora
 import losses
 import model as model_lib
 import speaker as speaker_lib
 import text as text_lib
-from config import config_dict, format_config, load_config
+from config import config_dict, format_config, load_config, run_cli
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -54,13 +57,43 @@ def setup_distributed(cfg):
     """(rank, world, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device': cuda, but torch sees no CUDA GPU here (use --device=cpu or auto)")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.barrier()  # every rank has passed `preflight` before rank 0 writes into the run directory
     return rank, world, device
+
+
+def preflight(cfg):
+    """(run_dir, checkpoint path) once every check that needs no model has passed: the run directory
+    (no run overwritten by accident, a checkpoint to resume), the data cache made with this config's
+    settings, the av and best_by settings. Runs on every rank before any rank writes a file."""
+    run_dir = os.path.join(cfg.out_dir, cfg.name)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    check_run_dir(cfg, run_dir, ckpt_path)
+    if cfg.av:
+        check_av_config(cfg)
+    else:
+        for split, manifest in (("train", cfg.manifest), ("val", cfg.val_manifest)):
+            if manifest:
+                data.check_cache_settings(cfg, Path(cfg.cache_dir) / split)
+    if cfg.best_by == "val_spk_sim" and not (cfg.stage == "adaln" and cfg.aux_losses):
+        raise ValueError("config key 'best_by': val_spk_sim needs stage adaln with aux_losses (its speaker "
+                         "models compute the similarity); use val_loss")
+    return run_dir, ckpt_path
+
+
+def grad_accum_steps(cfg, world):
+    """Micro-steps per optimizer step: the global batch is the config, split over `world` processes."""
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ValueError(f"config key 'global_batch': {cfg.global_batch} is not a multiple of micro_batch "
+                         f"{cfg.micro_batch} x {world} processes")
+    return cfg.global_batch // (cfg.micro_batch * world)
 
 
 def broadcast_params(params, world):
@@ -124,16 +157,40 @@ class MasterWeights:
             p.copy_(m, non_blocking=True)
 
 
+SNAPSHOT_ELEMENTS = 4096  # per tensor: enough to tell 0% from 0.1% changed, tiny next to the tensor
+
+
+def snapshot_index(numel):
+    """The flat element indices `weight_snapshot` keeps of a tensor: all of a small one, else a fixed
+    random draw (a function of the size only, so the same on every rank and every run)."""
+    if numel <= SNAPSHOT_ELEMENTS:
+        return torch.arange(numel)
+    return torch.randint(numel, (SNAPSHOT_ELEMENTS,), generator=torch.Generator().manual_seed(numel))
+
+
+def sampled(t):
+    """The snapshot elements of tensor `t`, as fp32 on the CPU: (≤ SNAPSHOT_ELEMENTS,)."""
+    flat = t.detach().reshape(-1)
+    return flat[snapshot_index(flat.numel()).to(flat.device)].float().cpu()
+
+
+def weight_snapshot(named_params):
+    """What the freeze alarm compares against: a few thousand elements per tensor, not a copy of
+    every trainable weight (an fp32 copy of a 3.3B-parameter DiT would be 13 GB of host memory)."""
+    return {name: sampled(p) for name, p in named_params}
+
+
 def weight_change(named_params, init):
-    """Per tensor group: a short hash and the % of elements changed since `init` (the freeze alarm)."""
+    """Per tensor group: a short hash of the weights and the % of snapshot elements changed since
+    `init` (from `weight_snapshot`; a 0% group after many steps is the bf16 freeze)."""
     groups = {}
     for name, p in named_params:
         group = name.split(".")[-2] if "lora" in name else name.split(".")[0]
-        changed = (p.detach().float().cpu() != init[name]).sum().item()
+        now = sampled(p)
         g = groups.setdefault(group, [0, 0, hashlib.sha1()])
-        g[0] += changed
-        g[1] += p.numel()
-        g[2].update(p.detach().float().cpu().numpy().tobytes())
+        g[0] += (now != init[name].reshape(-1).float()).sum().item()
+        g[1] += now.numel()
+        g[2].update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy on CPU
     return {k: {"hash": h.hexdigest()[:10], "changed_pct": round(100.0 * c / n, 3)} for k, (c, n, h) in groups.items()}
 
 
@@ -153,7 +210,8 @@ def build(cfg, device, example, with_audio=True):
     if cfg.av and cfg.stage != "lora":
         raise ValueError(f"config key 'stage': av mode trains LoRA adapters (stage: lora), got {cfg.stage!r}")
     if cfg.ckpt:
-        dit = model_lib.load_dit(cfg.ckpt, av=cfg.av, device="cpu", dtype=torch.float32)
+        # straight into the storage dtype: an fp32 load then a cast holds both copies at once
+        dit = model_lib.load_dit(cfg.ckpt, av=cfg.av, device="cpu", dtype=param_dtype)
     else:
         torch.manual_seed(cfg.seed)
         dit_cfg = dataclasses.replace(model_lib.PRESETS[cfg.model], in_channels=latent_dim, cross_attention_dim=text_dim)
@@ -166,7 +224,7 @@ def build(cfg, device, example, with_audio=True):
         dit = model_lib.AudioDiT(dit_cfg)
     dit.grad_checkpointing = cfg.grad_checkpointing
     connector = text_lib.build_text_connector(cfg.model, ckpt=cfg.text_ckpt or cfg.ckpt, dim=text_dim,
-                                              register_layout=cfg.register_layout, seed=cfg.seed)
+                                              register_layout=cfg.register_layout, seed=cfg.seed, dtype=param_dtype)
     parts = {"dit": dit, "connector": connector, "adaln": None, "video_connector": None}
     if cfg.av:
         parts["video_connector"] = text_lib.build_text_connector(
@@ -180,7 +238,7 @@ def build(cfg, device, example, with_audio=True):
         if cfg.stage == "lora":
             torch.manual_seed(cfg.seed)
             lora.inject_lora(dit, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             with_audio=with_audio)
+                             with_audio=with_audio, dtype=torch.float32)  # drawn in fp32, cast below
             trainable = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
             parts["audio_adapters"] = lora.audio_adapter_params(dit)
         elif cfg.stage == "adaln":
@@ -451,13 +509,16 @@ def git_hash():
 
 
 def atomic_save(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temp file and a rename; plain containers only (read back weights_only)."""
+    files.torch_save(obj, path)
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state in plain types (numpy's key array as a list), so the checkpoint loads with
+    weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -465,16 +526,142 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def trainable_state(trainable, masters):
-    """Trainable weights by name, from the fp32 masters when they exist (never the frozen base)."""
+    """Trainable weights by name, from the fp32 masters when they exist (never the frozen base).
+    Detached views, not copies: callers write them out before the next optimizer step."""
     tensors = masters.masters if masters is not None else [p for _, p in trainable]
-    return {n: t.detach().cpu().clone() for (n, _), t in zip(trainable, tensors)}
+    return {n: t.detach().cpu() for (n, _), t in zip(trainable, tensors)}
+
+
+CKPT_KEYS = ("step", "config", "trainable", "optimizer", "data", "rng", "aux", "balancer", "best_val")
+
+
+def load_checkpoint(path, trainable, cfg):
+    """The checkpoint dict at `path`, read without unpickling code and checked before anything is
+    restored: complete, written for the same trainable tensors (names, shapes), every tensor finite
+    (a diverged run is not continued), and not already past max_steps. Errors name the file."""
+    hint = "delete it, or start the run again with --overwrite=true"
+    try:
+        ckpt = files.torch_load(path)
+    except ValueError as e:
+        raise ValueError(f"cannot resume: {e}; {hint}") from None
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)}); {hint}")
+    state = ckpt["trainable"]
+    for name, p in trainable:
+        if name not in state or tuple(state[name].shape) != tuple(p.shape):
+            found = "missing" if name not in state else f"shape {tuple(state[name].shape)}"
+            raise ValueError(f"{path}: written for other trainable weights ({name}: {found}, this run has "
+                             f"{tuple(p.shape)}): stage, model or LoRA settings differ from the run's config.json")
+    files.check_finite(state, path)
+    moments = {f"optimizer.{i}.{k}": v for i, st in ckpt["optimizer"]["state"].items() for k, v in st.items()
+               if torch.is_tensor(v)}
+    files.check_finite(moments, path)
+    if ckpt["step"] > cfg.max_steps:
+        raise ValueError(f"{path}: the run is at step {ckpt['step']}, past --max_steps={cfg.max_steps}")
+    return ckpt
+
+
+def check_finite_step(step, loss, grad_norm, ckpt_path, saved_step):
+    """Stop the run before the update of `step` if its loss or gradient norm is NaN / Inf: the
+    weights are still those of the last finite step, the checkpoint on disk (of `saved_step`, None
+    if none) is left as it is, and no weights are exported. Every rank sees the same values (a
+    global mean, all-reduced gradients), so every rank stops."""
+    grad_norm = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    last = (f"the last good checkpoint is {ckpt_path} (step {saved_step})" if saved_step is not None
+            else "no checkpoint was written yet")
+    raise ValueError(f"step {step}: training diverged (flow loss {loss}, grad_norm {grad_norm}); stopped before "
+                     f"the update: {last}, no weights exported. Lower lr or grad_clip, or check the data")
+
+
+# -----------------------------------------------------------------------------------------------
+# the run directory: never overwritten by accident, no leftovers
+
+
+def run_files(run_dir):
+    """The files of `run_dir` that a run wrote and a new run would destroy: its checkpoint, its
+    metrics and its exported weights (config.json alone is not kept: it is rewritten at each start)."""
+    names = ["checkpoint.pt", "metrics.jsonl"]
+    names += [os.path.basename(p) for pattern in ("dit*.safetensors", "lora*.safetensors", "adaln*.pt",
+                                                  "adaln*.safetensors")
+              for p in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
+    return [n for n in dict.fromkeys(names) if os.path.isfile(os.path.join(run_dir, n))]
+
+
+def check_run_dir(cfg, run_dir, ckpt_path):
+    """A new run refuses a directory that holds a run (unless overwrite); a resume needs its checkpoint."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("config keys 'resume' and 'overwrite' are both true: continue the run or replace it, not both")
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            runs = sorted(os.listdir(cfg.out_dir)) if os.path.isdir(cfg.out_dir) else []
+            raise FileNotFoundError(f"{ckpt_path} not found: nothing to resume (is --name={cfg.name} right? runs in "
+                                    f"{cfg.out_dir}: {', '.join(runs[:10]) or 'none'})")
+        return
+    found = run_files(run_dir)
+    if found and not cfg.overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume=true, "
+                         "replace it with --overwrite=true, or choose another --name")
+
+
+def clean_run_dir(cfg, run_dir):
+    """Remove what a killed write left (`*.tmp.<pid>` of a process that is gone: gigabytes each at
+    full size) and, with `overwrite`, the previous run's files. Rank 0 only, before anything is written."""
+    for tmp in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp.*")):
+        pid = tmp.rsplit(".", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(tmp)
+            print(f"removed {tmp} (left by a killed write)")
+    if cfg.overwrite:
+        for name in run_files(run_dir):
+            os.remove(os.path.join(run_dir, name))
+            print(f"--overwrite: removed {os.path.join(run_dir, name)}")
+
+
+def pid_alive(pid):
+    """True when process `pid` runs on this machine (a temp file it is still writing is left alone)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def trim_metrics(path, step):
+    """Drop the lines of steps after `step` from metrics.jsonl (and a line cut by a kill): the resumed
+    run logs those steps again. Rewritten atomically."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    files.write_text(path, "".join(keep))
+
+
+def best_file(cfg, run_dir):
+    """This stage's best-by-validation deliverable in `run_dir` (dit_best.safetensors, ...), or None."""
+    stem = {"base": "dit", "lora": "lora", "adaln": "adaln"}[cfg.stage]
+    found = sorted(p for p in glob.glob(os.path.join(glob.escape(run_dir), f"{stem}_best.*")) if ".tmp." not in p)
+    return found[0] if found else None
 
 
 def export_weights(cfg, parts, trainable, masters, run_dir, tag=""):
@@ -483,6 +670,7 @@ def export_weights(cfg, parts, trainable, masters, run_dir, tag=""):
     tag "_best" writes the best-by-validation copy beside the final one (dit_best.safetensors, ...).
     """
     state = trainable_state(trainable, masters)
+    files.check_finite(state, f"{run_dir}: the {cfg.stage} weights to export")  # no diverged deliverable
     if cfg.stage == "base":
         dit, connector = parts["dit"], parts["connector"]
         dit.load_state_dict({k: v for k, v in state.items() if not k.startswith("connector.")})
@@ -555,15 +743,13 @@ def validate(cfg, parts, val_set, device, autocast, aux=None):
 
 def main(argv=None):
     cfg = load_config(argv)
+    run_dir, ckpt_path = preflight(cfg)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    assert cfg.global_batch % (cfg.micro_batch * world) == 0, (
-        f"global_batch {cfg.global_batch} must be a multiple of micro_batch {cfg.micro_batch} × world {world}")
-    grad_accum = cfg.global_batch // (cfg.micro_batch * world)
-    run_dir = os.path.join(cfg.out_dir, cfg.name)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    grad_accum = grad_accum_steps(cfg, world)
     if master:
         os.makedirs(run_dir, exist_ok=True)
+        clean_run_dir(cfg, run_dir)
         header = {"command": " ".join(sys.argv), "git": git_hash(), "torch": torch.__version__,
                   "world": world, "grad_accum": grad_accum, "device": str(device)}
         print(json.dumps(header))
@@ -572,7 +758,6 @@ def main(argv=None):
             json.dump({**header, "config": config_dict(cfg)}, f, indent=1)
 
     if cfg.av:
-        check_av_config(cfg)
         train_set = data.PrecomputedDataset(cfg.precomputed, cfg, require_audio=False)
         val_set = None
         with_audio = train_set.report["with_audio"] > 0
@@ -607,13 +792,10 @@ def main(argv=None):
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
     balancer = (losses.EMABalancer(cfg.balancer_target, cfg.balancer_decay, cfg.balancer_min, cfg.balancer_max)
                 if cfg.av and cfg.audio_balancer else None)
-    if cfg.best_by not in ("val_loss", "val_spk_sim") or (cfg.best_by == "val_spk_sim" and aux is None):
-        raise ValueError(f"config key 'best_by': {cfg.best_by!r} needs to be val_loss, or val_spk_sim in stage "
-                         "adaln with aux_losses (its speaker models compute the similarity)")
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else contextlib.nullcontext())
     step, best_val = 0, float("inf")
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, trainable, cfg)
         state = ckpt["trainable"]
         with torch.no_grad():
             for (name, p), t in zip(trainable, opt_params):
@@ -628,9 +810,12 @@ def main(argv=None):
             balancer.load_state_dict(ckpt["balancer"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         step, best_val = ckpt["step"], ckpt["best_val"]
+        del ckpt, state  # at full size gigabytes of host memory, restored into place by now
         if master:
+            trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)  # the steps after it run again
             print(f"resumed from {ckpt_path} at step {step}")
-    init = {n: p.detach().float().cpu().clone() for n, p in trainable} if master else None
+    saved_step = step if cfg.resume else None  # the step of the checkpoint on disk
+    init = weight_snapshot(trainable) if master else None
 
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -643,7 +828,9 @@ def main(argv=None):
         else:
             rngs = [rng_state()]
         if master:
-            atomic_save({"step": step, "config": config_dict(cfg), "trainable": trainable_state(trainable, masters),
+            state = trainable_state(trainable, masters)
+            files.check_finite(state, ckpt_path)  # never replace the last good checkpoint with a diverged one
+            atomic_save({"step": step, "config": config_dict(cfg), "trainable": state,
                          "optimizer": optimizer.state_dict(), "data": sampler.state_dict(), "rng": rngs,
                          "aux": aux.coefs.state_dict() if aux is not None else None,
                          "balancer": balancer.state_dict() if balancer is not None else None, "best_val": best_val,
@@ -684,6 +871,8 @@ def main(argv=None):
         if masters is not None:
             masters.grads_to_masters()
         grad_norm = torch.nn.utils.clip_grad_norm_(opt_params, cfg.grad_clip)
+        check_finite_step(step + 1, global_mean([l["flow"] for l in logs_all], world, device), grad_norm,
+                          ckpt_path, saved_step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for p in params:
@@ -714,6 +903,7 @@ def main(argv=None):
                 metrics.flush()
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
             save(step)
+            saved_step = step
         if stopping:
             if master:
                 with contextlib.suppress(FileNotFoundError):  # honoured: a resumed run must not stop again
@@ -722,7 +912,8 @@ def main(argv=None):
             break
     if master and step == cfg.max_steps:
         path = export_weights(cfg, parts, trainable, masters, run_dir)
-        print(f"done: {step} steps; weights in {path}" + (f" (best by {cfg.best_by}: *_best)" if val_set else ""))
+        best = best_file(cfg, run_dir)
+        print(f"done: {step} steps; weights in {path}" + (f" (best by {cfg.best_by}: {best})" if best else ""))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -761,4 +952,4 @@ def log_step(cfg, step, lr, grad_norm, logs_all, tokens, t0, device, metrics):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
