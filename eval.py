@@ -14,8 +14,19 @@ parent's, for a directory called `samples`). Metrics, each from local weights on
 - utmos: a TorchScript UTMOS predictor (`--utmos`), wav (B, N) at 16 kHz -> (B,);
 - aes_ce / aes_cu / aes_pc / aes_pq: audiobox-aesthetics (its package, `--aesthetics` checkpoint);
 - judge_acc / judge_margin: the speaker judge (judge.py, `--judge`), for samples whose sidecar
-  names a `speaker` the judge knows.
+  names a `speaker` the judge knows;
+- ge2e_sim: cosine of GE2E embeddings (voice_encoder.py: resemblyzer's pretrained encoder, an
+  independent listener that nothing in training uses) of the sample and its reference;
+  ge2e_acc / ge2e_margin: identification against per-speaker centroids of the real clips of
+  `--ge2e_split MANIFEST` (a corpus manifest: audio + speaker), for samples whose sidecar names
+  one of its speakers (margin: cosine to the own centroid minus the mean to the others).
 A metric without its weights is reported as skipped, with the reason, never as a number.
+DNSMOS costs ~1 s of CPU per 9 s window: `--dnsmos_windows 1` scores the first window of each
+clip only (a short clip is repeated to 9 s, so its windows are near copies), `--dnsmos_per_variant
+N` scores N samples of each variant, spread evenly over the variant's sorted samples.
+
+The report embeds every sample, and each reference once, as Ogg Opus at `--player_rate` (8, 12,
+16, 24 or 48 kHz; 0 embeds the files as they are), with its spectrogram as an indexed-colour PNG.
 
 The LAIONBox protocol (v0.4 card: 6 prompts x 5 speakers x 2 seeds, plus unconditioned samples):
 
@@ -64,7 +75,11 @@ METRIC_INFO = {  # name: (description, higher is better)
     "aes_pq": ("audiobox-aesthetics production quality", True),
     "judge_acc": ("speaker judge accuracy (1 = recognised)", True),
     "judge_margin": ("speaker judge similarity margin", True),
+    "ge2e_sim": ("GE2E (resemblyzer) cosine to the reference", True),
+    "ge2e_acc": ("GE2E identification against the speaker centroids (1 = recognised)", True),
+    "ge2e_margin": ("GE2E cosine to the own speaker's centroid minus the mean to the others", True),
 }
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # the only rates Opus encodes
 
 # -----------------------------------------------------------------------------------------------
 # samples
@@ -162,8 +177,22 @@ def metric_spk_sim(samples, wavs, path, device):
     return {"spk_sim": out}
 
 
-def metric_dnsmos(samples, wavs, device, batch_size=8):
-    """DNSMOS SIG/BAK/OVR of each sample (dnsmos.py, the speechmos P.835 model in PyTorch)."""
+def spread_subset(samples, per_variant):
+    """At most `per_variant` samples of each variant, evenly spaced over its samples sorted by id
+    (so every prompt and speaker range is visited); 0 keeps all."""
+    if not per_variant:
+        return list(samples)
+    out = []
+    for v in sorted({s["variant"] for s in samples}):
+        mine = sorted((s for s in samples if s["variant"] == v), key=lambda s: s["id"])
+        picks = np.unique(np.linspace(0, len(mine) - 1, min(per_variant, len(mine))).round().astype(int))
+        out += [mine[i] for i in picks]
+    return out
+
+
+def metric_dnsmos(samples, wavs, device, batch_size=8, max_windows=None):
+    """DNSMOS SIG/BAK/OVR of each sample (dnsmos.py, the speechmos P.835 model in PyTorch);
+    `max_windows` scores only a clip's first 9.01 s windows (None: all, as speechmos)."""
     from dnsmos import DNSMOS
 
     model = DNSMOS().to(device).eval()
@@ -175,7 +204,7 @@ def metric_dnsmos(samples, wavs, device, batch_size=8):
         for ids in by_length.values():
             for j in range(0, len(ids), batch_size):
                 chunk = ids[j:j + batch_size]
-                scores = model(torch.stack([wavs[i] for i in chunk]).to(device))
+                scores = model(torch.stack([wavs[i] for i in chunk]).to(device), max_windows=max_windows)
                 for k in ("sig", "bak", "ovr"):
                     for i, v in zip(chunk, scores[k].tolist()):
                         out[f"dnsmos_{k}"][i] = v
@@ -257,7 +286,44 @@ def metric_judge(samples, wavs, path):
     return out
 
 
-METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge")
+def metric_ge2e(samples, wavs, split=""):
+    """GE2E (voice_encoder.py): cosine to the reference of each sample with `meta['ref']`, and with
+    a corpus manifest `split`, recognition and margin against its speakers' centroids."""
+    import judge as judge_lib
+    import voice_encoder as ve
+
+    encoder = ve.load_encoder()
+    ids = [s["id"] for s in samples]
+    emb = dict(zip(ids, ve.embed(encoder, [wavs[i] for i in ids], names=[s["path"] for s in samples])))
+    refs = sorted({s["meta"]["ref"] for s in samples if s["meta"].get("ref")})
+    for ref in refs:
+        if not os.path.isfile(ref):
+            raise FileNotFoundError(f"{ref}: a sample's reference does not exist")
+    ref_emb = dict(zip(refs, ve.embed(encoder, [read_mono16k(r) for r in refs], names=refs))) if refs else {}
+    out = {"ge2e_sim": {s["id"]: float(emb[s["id"]] @ ref_emb[s["meta"]["ref"]])
+                        for s in samples if s["meta"].get("ref")}}
+    if split:
+        clips, speakers = judge_lib.load_split(split)
+        centroids = ve.centroids_from_clips(ve.embed(encoder, clips, names=[f"{split} clip {i}" for i in
+                                                                           range(len(clips))]), speakers)
+        known = [s for s in samples if s["meta"].get("speaker") in centroids]
+        if known:
+            correct, margin = ve.clip_scores(torch.stack([emb[s["id"]] for s in known]),
+                                             [s["meta"]["speaker"] for s in known], centroids)
+            out["ge2e_acc"] = {s["id"]: float(c) for s, c in zip(known, correct)}
+            out["ge2e_margin"] = {s["id"]: float(m) for s, m in zip(known, margin)}
+    return out
+
+
+def _ge2e_reason():
+    import importlib.util
+
+    if importlib.util.find_spec("resemblyzer") is None:
+        return "its weights come from the resemblyzer wheel: pip install --no-deps resemblyzer==0.1.4"
+    return None
+
+
+METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge", "ge2e")
 
 
 def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
@@ -270,7 +336,9 @@ def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
     jobs = [  # (group, metric names, reason it cannot run or None, function)
         ("spk_sim", ["spk_sim"], _weights_reason(args.wavlm, "--wavlm"),
          lambda: metric_spk_sim(samples, wavs, args.wavlm, device)),
-        ("dnsmos", ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovr"], None, lambda: metric_dnsmos(samples, wavs, device)),
+        ("dnsmos", ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovr"], None,
+         lambda: metric_dnsmos(spread_subset(samples, args.dnsmos_per_variant), wavs, device,
+                               max_windows=args.dnsmos_windows or None)),
         ("wer", ["wer"], _weights_reason(args.whisper, "--whisper"),
          lambda: metric_wer(samples, wavs, args.whisper, device)),
         ("utmos", ["utmos"], _weights_reason(args.utmos, "--utmos"),
@@ -279,7 +347,11 @@ def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
          lambda: metric_aesthetics(samples, args.aesthetics)),
         ("judge", ["judge_acc", "judge_margin"], _weights_reason(args.judge, "--judge"),
          lambda: metric_judge(samples, wavs, args.judge)),
+        ("ge2e", ["ge2e_sim", "ge2e_acc", "ge2e_margin"], _ge2e_reason(),
+         lambda: metric_ge2e(samples, wavs, args.ge2e_split)),
     ]
+    why_empty = {"ge2e_acc": "no speaker split given (--ge2e_split MANIFEST)"} if not args.ge2e_split else {}
+    why_empty["ge2e_margin"] = why_empty.get("ge2e_acc")
     for group, names, reason, run in jobs:
         if group not in groups:
             reason = "not requested (--metrics)"
@@ -295,7 +367,8 @@ def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
         else:
             for name in names:
                 if not table.get(name):
-                    skipped[name] = "no sample applies (e.g. none has a reference / known speaker)"
+                    skipped[name] = (why_empty.get(name)
+                                     or "no sample applies (e.g. none has a reference / known speaker)")
                     table.pop(name, None)
     return table, skipped
 
@@ -353,25 +426,41 @@ def summarize(samples, table):
 # images: a tiny PNG encoder, spectrograms, SVG loss curves
 
 
-def png_bytes(rgb):
-    """Encode an (H, W, 3) uint8 array as PNG (8-bit truecolour, no filtering)."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 per scanline
+def png_bytes(pixels, palette=None):
+    """Encode an (H, W, 3) uint8 array as PNG (8-bit truecolour), or (H, W) uint8 indices into a
+    (n <= 256, 3) `palette` (8-bit indexed colour: a third of the bytes). Every scanline uses the
+    "Up" filter (bytes minus the row above): spectrogram rows are alike, so it compresses better."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(pixels.shape[0], -1)  # (H, W * channels)
+    h, w = pixels.shape[0], pixels.shape[1] // (3 if palette is None else 1)
+    up = pixels - np.concatenate([np.zeros_like(pixels[:1]), pixels[:-1]])  # uint8: modulo 256
+    raw = b"".join(b"\x02" + up[y].tobytes() for y in range(h))
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    color = 2 if palette is None else 3
+    plte = b"" if palette is None else chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)) + plte
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
+# 16 colours over 80 dB (5 dB steps): side by side with 256 the harmonics look the same, and the
+# PNG is 3x smaller, which is what keeps a report of hundreds of samples under 10 MB
+SPECTROGRAM_LEVELS = 16
 # a perceptual dark-blue -> teal -> yellow ramp (viridis anchor colours)
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
-def spectrogram_png(wav, n_fft=512, hop=160, height=128, max_width=600, floor_db=80.0):
-    """PNG of the log-magnitude STFT of a 16 kHz mono tensor (N,), low frequencies at the bottom."""
+def ramp_palette(levels=SPECTROGRAM_LEVELS):
+    """(levels, 3) uint8 colours interpolated along _RAMP: the spectrograms' palette."""
+    x = np.linspace(0, len(_RAMP) - 1, levels)
+    lo = np.floor(x).astype(int).clip(0, len(_RAMP) - 2)
+    return (_RAMP[lo] + (x - lo)[:, None] * (_RAMP[lo + 1] - _RAMP[lo])).round().astype(np.uint8)
+
+
+def spectrogram_png(wav, n_fft=512, hop=160, height=128, max_width=300, floor_db=80.0):
+    """PNG of the log-magnitude STFT of a 16 kHz mono tensor (N,), low frequencies at the bottom:
+    at most `max_width` columns (the report shows 300 px) in SPECTROGRAM_LEVELS colours."""
     win = torch.hann_window(n_fft)
     if wav.numel() < n_fft:
         wav = torch.nn.functional.pad(wav, (0, n_fft - wav.numel()))
@@ -379,37 +468,56 @@ def spectrogram_png(wav, n_fft=512, hop=160, height=128, max_width=600, floor_db
     db = 20 * torch.log10(mag.clamp(min=1e-8))
     db = (db - db.max()).clamp(min=-floor_db) / floor_db + 1  # 0..1
     img = torch.nn.functional.adaptive_avg_pool2d(db[None, None], (height, min(max_width, db.shape[1])))[0, 0]
-    x = img.flip(0).numpy() * (len(_RAMP) - 1)
-    lo = np.floor(x).astype(int).clip(0, len(_RAMP) - 2)
-    rgb = _RAMP[lo] + (x - lo)[..., None] * (_RAMP[lo + 1] - _RAMP[lo])
-    return png_bytes(rgb.round().clip(0, 255))
+    index = (img.flip(0).numpy() * (SPECTROGRAM_LEVELS - 1)).round().clip(0, SPECTROGRAM_LEVELS - 1)
+    return png_bytes(index.astype(np.uint8), ramp_palette())
 
 
-def loss_curves_svg(records, keys=("loss", "val_loss"), width=640, height=220):
-    """Inline SVG of `keys` against `step` from metrics.jsonl records (a polyline per key)."""
+def nice_ticks(lo, hi, count=5):
+    """Round tick values (1, 2 or 5 x 10^k apart, at most `count` intervals) covering [lo, hi]."""
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    first = math.floor(lo / step + 1e-9) * step  # 1e-9: 3 / 0.2 is 14.999...
+    return [first + k * step for k in range(math.ceil((hi - first) / step - 1e-9) + 1)]
+
+
+def loss_curves_svg(records, keys=("loss", "val_loss"), width=640, height=240):
+    """Inline SVG of `keys` against `step` from metrics.jsonl records: axes with round ticks, a
+    line per key and a dot per point of sparse keys (validation runs every few hundred steps,
+    often once: a line alone would not show it)."""
     colors = {"loss": "#1f77b4", "val_loss": "#d62728"}
-    series = {k: [(r["step"], r[k]) for r in records if k in r and "step" in r and isinstance(r[k], (int, float))]
-              for k in keys}
+    series = {k: [(r["step"], r[k]) for r in records if k in r and "step" in r and isinstance(r[k], (int, float))
+                  and math.isfinite(r[k])] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return "<p>no loss records</p>"
     pts = [p for v in series.values() for p in v]
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
-    pad = 40
-    sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731
-    sy = lambda y: height - pad + (y - y0) / (y1 - y0) * (2 * pad - height)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="loss">',
-             f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>',
-             f'<text x="{pad}" y="{height - 10}" font-size="11">step {x0:g} .. {x1:g}</text>',
-             f'<text x="4" y="{pad - 10}" font-size="11">{y1:.4g}</text>',
-             f'<text x="4" y="{height - pad + 4}" font-size="11">{y0:.4g}</text>']
+    xt = nice_ticks(min(p[0] for p in pts), max(max(p[0] for p in pts), min(p[0] for p in pts) + 1))
+    yt = nice_ticks(min(p[1] for p in pts), max(max(p[1] for p in pts), min(p[1] for p in pts) + 1e-6))
+    left, right, top, bottom = 60, 20, 20, 40  # room for the tick labels
+    sx = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * (width - left - right)  # noqa: E731
+    sy = lambda y: height - bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (height - top - bottom)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="loss" '
+             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white" stroke="#ccc"/>']
+    for x in xt:
+        parts.append(f'<line class="xtick" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{height - bottom}" '
+                     f'stroke="#eee"/><text x="{sx(x):.1f}" y="{height - bottom + 14}" '
+                     f'text-anchor="middle">{x:g}</text>')
+    for y in yt:
+        parts.append(f'<line class="ytick" x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
+                     f'stroke="#eee"/><text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.4g}</text>')
+    parts.append(f'<path d="M{left},{top} V{height - bottom} H{width - right}" fill="none" stroke="#333"/>'
+                 f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">step</text>')
     for i, (k, v) in enumerate(series.items()):
-        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)
         color = colors.get(k, "#2ca02c")
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
-        parts.append(f'<text x="{width - 120}" y="{20 + 14 * i}" font-size="12" fill="{color}">{k}</text>')
+        if len(v) > 1:
+            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
+        if len(v) <= 50:
+            parts += [f'<circle class="point" data-key="{k}" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>'
+                      for x, y in v]
+        parts.append(f'<text x="{width - right - 110}" y="{top + 12 + 14 * i}" fill="{color}">'
+                     f'{k} ({len(v)} points)</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -432,20 +540,21 @@ def read_metrics_jsonl(path):
 # HTML
 
 
-def wav_data_uri(path, rate):
-    """The file as a base64 `data:` URI; resampled to `rate` mono 16-bit (0: the file as it is)."""
-    if rate:
-        import torchaudio.functional as AF
+def audio_data_uri(path, rate):
+    """The file as a base64 `data:` URI: mono Ogg Opus at `rate` (one of OPUS_RATES), or the file's
+    own bytes (rate 0)."""
+    if not rate:
+        return "data:audio/wav;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    if rate not in OPUS_RATES:
+        raise ValueError(f"--player_rate {rate}: Opus encodes only {', '.join(map(str, OPUS_RATES))} Hz (or 0)")
+    import torchaudio.functional as AF
 
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
-        wav = torch.from_numpy(data.mean(1))
-        wav = AF.resample(wav, sr, rate) if sr != rate else wav
-        buf = io.BytesIO()
-        sf.write(buf, wav.clamp(-1, 1).numpy(), rate, format="WAV", subtype="PCM_16")
-        payload = buf.getvalue()
-    else:
-        payload = Path(path).read_bytes()
-    return "data:audio/wav;base64," + base64.b64encode(payload).decode()
+    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    wav = torch.from_numpy(data.mean(1))
+    wav = AF.resample(wav, sr, rate) if sr != rate else wav
+    buf = io.BytesIO()
+    sf.write(buf, wav.clamp(-1, 1).numpy(), rate, format="OGG", subtype="OPUS")  # libopus's default: ~24 kbit/s
+    return "data:audio/ogg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _fmt(mean, ci):
@@ -458,6 +567,25 @@ CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-co
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}
 .skipped td{color:#888}.better{color:#080}.worse{color:#b00}img.spec{display:block;width:300px;height:96px}
 audio{width:300px}.prompt{max-width:380px}"""
+
+
+def _spectrogram_img(path):
+    spec = base64.b64encode(spectrogram_png(read_mono16k(path))).decode()
+    return f"<img class='spec' alt='spectrogram' src='data:image/png;base64,{spec}'>"
+
+
+def references_html(samples, player_rate):
+    """(the References table: each reference clip once, with player and spectrogram, {ref path:
+    anchor id}). Samples link to their reference instead of embedding it again."""
+    refs = sorted({s["meta"]["ref"] for s in samples if s["meta"].get("ref") and os.path.isfile(s["meta"]["ref"])})
+    if not refs:
+        return "", {}
+    anchors = {ref: f"ref{k}" for k, ref in enumerate(refs)}
+    rows = [f"<tr id='{anchors[r]}'><td>{html.escape(r)}</td><td><audio controls class='ref' "
+            f"data-ref='{html.escape(r)}' src='{audio_data_uri(r, player_rate)}'></audio></td>"
+            f"<td>{_spectrogram_img(r)}</td></tr>" for r in refs]
+    return ("<h2>References</h2><table id='references'><tr><th>reference</th><th>audio</th><th>spectrogram</th></tr>"
+            + "".join(rows) + "</table>"), anchors
 
 
 def render_html(samples, table, skipped, *, baseline=None, curves=None, title="speakerbox evaluation",
@@ -511,23 +639,20 @@ def render_html(samples, table, skipped, *, baseline=None, curves=None, title="s
         for name, records in curves.items():
             out.append(f"<h3>{e(name)}</h3>{loss_curves_svg(records)}")
 
+    refs_table, anchors = references_html(samples, player_rate)
+    out.append(refs_table)
     out.append("<h2>Samples</h2><table id='samples'><tr><th>sample</th><th>prompt</th><th>audio</th>"
                "<th>spectrogram</th>" + "".join(f"<th>{e(m)}</th>" for m in metrics) + "</tr>")
     for s in samples:
         meta = s["meta"]
         info = f"seed {meta.get('seed', '?')}" + (f", speaker {meta['speaker']}" if meta.get("speaker") else "")
         ref = meta.get("ref")
-        ref_player = ""
-        if ref and os.path.isfile(ref):
-            uri = wav_data_uri(ref, player_rate)
-            ref_player = f"<br>reference:<br><audio controls class='ref' src='{uri}'></audio>"
-        spec = base64.b64encode(spectrogram_png(read_mono16k(s["path"]))).decode()
+        ref_link = f"<br>reference: <a href='#{anchors[ref]}'>{e(Path(ref).name)}</a>" if ref in anchors else ""
         vals = "".join(f"<td>{table[m][s['id']]:.3f}</td>" if s["id"] in table[m] else "<td>–</td>" for m in metrics)
         out.append(f"<tr data-sample='{e(s['id'])}'><td>{e(s['id'])}<br><small>{e(info)}</small></td>"
                    f"<td class='prompt'>{e(str(meta.get('prompt', '')))}</td>"
-                   f"<td><audio controls data-sample='{e(s['id'])}' src='{wav_data_uri(s['path'], player_rate)}'>"
-                   f"</audio>{ref_player}</td>"
-                   f"<td><img class='spec' alt='spectrogram' src='data:image/png;base64,{spec}'></td>{vals}</tr>")
+                   f"<td><audio controls data-sample='{e(s['id'])}' src='{audio_data_uri(s['path'], player_rate)}'>"
+                   f"</audio>{ref_link}</td><td>{_spectrogram_img(s['path'])}</td>{vals}</tr>")
     out.append("</table>")
     if settings:
         out.append(f"<h2>Settings</h2><pre>{e(json.dumps(settings, indent=2, default=str))}</pre>")
@@ -622,7 +747,12 @@ def parse_args(argv=None):
     p.add_argument("--aesthetics", default="", help="audiobox-aesthetics checkpoint")
     p.add_argument("--judge", default="", help="speaker judge (judge.py) checkpoint")
     p.add_argument("--metrics", default=",".join(METRIC_GROUPS), help="comma list of metric groups to run")
-    p.add_argument("--player_rate", type=int, default=16000, help="rate of the embedded players (0 = as is)")
+    p.add_argument("--ge2e_split", default="", help="corpus manifest whose speakers' centroids the GE2E "
+                   "identification uses (ge2e_acc, ge2e_margin)")
+    p.add_argument("--dnsmos_windows", type=int, default=0, help="score only the first N 9 s windows (0: all)")
+    p.add_argument("--dnsmos_per_variant", type=int, default=0, help="score N samples of each variant (0: all)")
+    p.add_argument("--player_rate", type=int, default=16000,
+                   help=f"rate of the embedded Opus players, one of {OPUS_RATES} (0: the files as they are)")
     p.add_argument("--scores", default="", help="also write the per-sample table as JSON here")
     g = p.add_argument_group("generating an eval set first (sample.py's flags apply)")
     g.add_argument("--eval_set", default="", choices=["", "laionbox"])
@@ -638,6 +768,9 @@ def main(argv=None):
     import sample as sample_lib
 
     args = parse_args(argv)
+    if args.player_rate and args.player_rate not in OPUS_RATES:
+        raise SystemExit(f"--player_rate {args.player_rate}: Opus encodes only "
+                         f"{', '.join(map(str, OPUS_RATES))} Hz (or 0: the files as they are)")
     device = sample_lib.resolve_device(args.device)
     dirs = list(args.samples)
     for d in dirs:  # before minutes of generating or scoring

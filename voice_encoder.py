@@ -212,30 +212,36 @@ def centroids_from_clips(embeddings, speakers):
     return out
 
 
-def identify(embeddings, speakers, centroids):
-    """Identification of clips against speaker centroids: nearest centroid by cosine.
+def clip_scores(embeddings, speakers, centroids):
+    """Per clip, against speaker centroids {speaker: (256,)}: (recognised (N,) 0/1, margin (N,)).
 
-    margin = cos(e, c_own) - mean over the other speakers s of cos(e, c_s), averaged over clips
-    (the same definition as judge.py's, so the two judges' margins read alike; a clip is
-    identified when its own cosine beats the highest other one, which the accuracy counts).
-    Returns {n, accuracy, chance, margin, per_speaker: {spk: {n, accuracy, margin}}}.
+    A clip is recognised when its nearest centroid by cosine is its own speaker's. margin =
+    cos(e, c_own) - mean over the other speakers s of cos(e, c_s): the definition judge.py uses,
+    so the two judges' margins read alike (the mean, not the closest other, keeps the margin
+    smooth when two other voices are near each other).
     """
     names = sorted(centroids)
     unknown = sorted(set(speakers) - set(names))
     if unknown:
         raise ValueError(f"speakers {unknown} have no centroid (known: {names})")
-    if len(speakers) != len(embeddings) or not speakers:
+    if len(speakers) != len(embeddings) or not len(speakers):
         raise ValueError(f"need one speaker per embedding, got {len(embeddings)} and {len(speakers)}")
     own = torch.tensor([names.index(s) for s in speakers])
     sims = embeddings @ torch.stack([centroids[s] for s in names]).T  # (N, S)
-    correct = (sims.argmax(1) == own).float()
     own_sim = sims.gather(1, own[:, None])[:, 0]
     margin = own_sim - (sims.sum(1) - own_sim) / max(1, len(names) - 1)
+    return (sims.argmax(1) == own).float(), margin
+
+
+def identify(embeddings, speakers, centroids):
+    """Identification of clips (N, 256) of `speakers` against `centroids` {speaker: (256,)}:
+    {n, accuracy, chance, margin, per_speaker: {speaker: {n, accuracy, margin}}}, means over
+    clips of clip_scores."""
+    correct, margin = clip_scores(embeddings, speakers, centroids)
     per_speaker = {}
-    for k, spk in enumerate(names):
-        mask = own == k
-        if mask.any():
-            per_speaker[spk] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()),
-                                "margin": float(margin[mask].mean())}
-    return {"n": len(speakers), "accuracy": float(correct.mean()), "chance": 1.0 / len(names),
+    for spk in sorted(set(speakers)):
+        mask = torch.tensor([s == spk for s in speakers])
+        per_speaker[spk] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()),
+                            "margin": float(margin[mask].mean())}
+    return {"n": len(speakers), "accuracy": float(correct.mean()), "chance": 1.0 / len(centroids),
             "margin": float(margin.mean()), "per_speaker": per_speaker}

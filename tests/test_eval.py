@@ -3,13 +3,17 @@ generation into sidecars, and the rendered report (parsed: a player per sample, 
 skipped metrics without numbers). CPU, tiny, a few seconds."""
 
 import argparse
+import base64
 import binascii
+import io
 import json
 import math
+import random
 import re
 import struct
 import zlib
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +63,8 @@ def test_word_error_rate(ref, hyp, wer):
 
 
 def _decode_png(data):
-    """Minimal PNG reader (8-bit RGB, filter 0) written from the spec, to check the encoder."""
+    """Minimal PNG reader (8-bit truecolour or indexed colour; filters None and Up) written from
+    the spec, to check the encoder; returns (H, W, 3) RGB."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
     while pos < len(data):
@@ -71,16 +76,32 @@ def _decode_png(data):
         chunks[kind] += body
         pos += 12 + n
     w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert depth == 8 and color == 2 and b"IEND" in chunks
+    assert depth == 8 and color in (2, 3) and b"IEND" in chunks
+    width = w * (3 if color == 2 else 1)
     raw = zlib.decompress(chunks[b"IDAT"])
-    rows = [raw[y * (3 * w + 1):(y + 1) * (3 * w + 1)] for y in range(h)]
-    assert all(r[0] == 0 for r in rows)
-    return np.frombuffer(b"".join(r[1:] for r in rows), dtype=np.uint8).reshape(h, w, 3)
+    prev, lines = bytearray(width), []
+    for y in range(h):
+        kind, line = raw[y * (width + 1)], bytearray(raw[y * (width + 1) + 1:(y + 1) * (width + 1)])
+        assert kind in (0, 2), f"filter {kind}"
+        if kind == 2:  # Up: add the byte above, modulo 256
+            line = bytearray((a + b) % 256 for a, b in zip(line, prev))
+        lines.append(bytes(line))
+        prev = line
+    pixels = np.frombuffer(b"".join(lines), dtype=np.uint8)
+    if color == 2:
+        return pixels.reshape(h, w, 3)
+    palette = np.frombuffer(chunks[b"PLTE"], dtype=np.uint8).reshape(-1, 3)
+    assert pixels.max() < len(palette)
+    return palette[pixels.reshape(h, w)]
 
 
 def test_png_encoder_roundtrip():
-    img = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
     assert np.array_equal(_decode_png(ev.png_bytes(img)), img)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    index = rng.integers(0, 16, (6, 9), dtype=np.uint8)
+    assert np.array_equal(_decode_png(ev.png_bytes(index, palette)), palette[index])
 
 
 def test_spectrogram_shows_the_tone():
@@ -89,12 +110,35 @@ def test_spectrogram_shows_the_tone():
     assert png.shape == (64, 40, 3)
     brightness = png.astype(float).sum(axis=(1, 2))
     assert abs(int(brightness.argmax()) - (64 - 1 - 2000 / 8000 * 64)) <= 2  # 2 kHz row, low at the bottom
+    assert len({tuple(c) for c in png.reshape(-1, 3)}) <= ev.SPECTROGRAM_LEVELS
 
 
-def test_loss_curves_svg():
-    records = [{"step": s, "loss": 1 / (s + 1)} for s in range(10)] + [{"step": 9, "val_loss": 0.3}]
+def test_nice_ticks():
+    assert ev.nice_ticks(0, 450) == [0, 100, 200, 300, 400, 500]
+    assert ev.nice_ticks(0.93, 2.7) == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    assert ev.nice_ticks(3, 4) == pytest.approx([3.0, 3.2, 3.4, 3.6, 3.8, 4.0])
+
+
+def test_loss_curves_have_axes_and_validation_points():
+    """A line for the training loss, a dot for each validation point (one here: a line of one point
+    draws nothing), tick labels on both axes, and every point inside the plot at its coordinates."""
+    records = [{"step": s, "loss": 2.0 - s / 100} for s in range(0, 451, 25)] + [{"step": 450, "val_loss": 1.2}]
     svg = ev.loss_curves_svg(records)
-    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "val_loss" in svg
+    assert svg.startswith("<svg") and svg.count("<polyline") == 1
+    dots = re.findall(r'<circle class="point" data-key="(\w+)" cx="([\d.]+)" cy="([\d.]+)"', svg)
+    assert [d[0] for d in dots].count("val_loss") == 1 and "val_loss (1 points)" in svg
+    xticks = re.findall(r'<line class="xtick" x1="([\d.]+)"[^>]*/><text[^>]*>([^<]+)</text>', svg)
+    yticks = re.findall(r'<line class="ytick"[^>]*y1="([\d.]+)"[^>]*/><text[^>]*>([^<]+)</text>', svg)
+    assert [t[1] for t in xticks] == ["0", "100", "200", "300", "400", "500"]
+    assert len(yticks) >= 3 and ">step</text>" in svg
+    # the validation dot sits where its tick labels say: x between the 400 and 500 ticks, y on the 1.2 line
+    (x400, _), (x500, _) = xticks[4], xticks[5]
+    _, vx, vy = next(d for d in dots if d[0] == "val_loss")
+    assert float(vx) == pytest.approx(float(x400) + 0.5 * (float(x500) - float(x400)), abs=0.2)
+    y_of = {float(label): float(y) for y, label in yticks}
+    lo, hi = max(v for v in y_of if v <= 1.2), min(v for v in y_of if v >= 1.2)
+    expect = y_of[lo] if hi == lo else y_of[lo] + (1.2 - lo) / (hi - lo) * (y_of[hi] - y_of[lo])
+    assert float(vy) == pytest.approx(expect, abs=0.2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -136,14 +180,18 @@ def sample_dirs(tmp_path):
 class ReportParser(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.players, self.metric_rows, self.images, self.svgs = [], {}, 0, 0
+        self.players, self.refs, self.audio, self.metric_rows, self.images, self.svgs = [], [], {}, {}, 0, 0
         self._row, self._text = None, []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "audio" and "data-sample" in a:
-            assert a["src"].startswith("data:audio/wav;base64,")
+            assert a["src"].startswith("data:audio/ogg;base64,")
             self.players.append(a["data-sample"])
+            self.audio[a["data-sample"]] = a["src"]
+        if tag == "audio" and "data-ref" in a:
+            self.refs.append(a["data-ref"])
+            self.audio[a["data-ref"]] = a["src"]
         if tag == "img":
             assert a["src"].startswith("data:image/png;base64,")
             self.images += 1
@@ -163,7 +211,8 @@ class ReportParser(HTMLParser):
 
 
 def _args(**kw):
-    base = dict(wavlm="", whisper="", utmos="", aesthetics="", judge="")
+    base = dict(wavlm="", whisper="", utmos="", aesthetics="", judge="", ge2e_split="", dnsmos_windows=0,
+                dnsmos_per_variant=0)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -191,7 +240,8 @@ def test_report_renders_every_sample_and_metric(sample_dirs, tmp_path):
     p = ReportParser()
     p.feed(page)
     assert sorted(p.players) == sorted(s["id"] for s in samples)  # a player for every sample
-    assert p.images == len(samples) and p.svgs == 1
+    assert p.refs == [samples[0]["meta"]["ref"]]  # the one reference, once
+    assert p.images == len(samples) + 1 and p.svgs == 1
     for m in list(table) + list(skipped):
         assert m in p.metric_rows, f"no row for metric {m}"
     for m, reason in skipped.items():
@@ -202,7 +252,7 @@ def test_report_renders_every_sample_and_metric(sample_dirs, tmp_path):
     base_vals = [table["judge_margin"][s["id"]] for s in samples if s["variant"] == "base"]
     assert f"{np.mean(base_vals):.3f}" in summary_row and "n=2" in summary_row
     assert "+" in delta_row or "-" in delta_row or "−" in delta_row
-    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page)  # self-contained: nothing to fetch
+    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:|#)", page)  # self-contained: nothing to fetch
 
 
 def test_report_main_writes_one_file(sample_dirs, tmp_path):
@@ -215,6 +265,123 @@ def test_report_main_writes_one_file(sample_dirs, tmp_path):
     assert page.count("<audio controls data-sample=") == 4 and "<polyline" in page
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert "spk_sim" in scores["skipped"]
+
+
+SPEECH = Path(__file__).parent / "data" / "speech_16k.wav"  # 5.05 s of eSpeak NG speech
+
+
+def _speech_samples(tmp_path, n, seconds=4.0):
+    """n samples of `seconds` of real (eSpeak) speech in two variants, sharing one reference."""
+    speech, rate = sf.read(SPEECH, dtype="float32")
+    sf.write(tmp_path / "ref.wav", speech[:rate * 3], rate)
+    for k in range(n):
+        d = tmp_path / ("a" if k % 2 else "b")
+        d.mkdir(exist_ok=True)
+        start = (k * 1000) % (len(speech) - int(seconds * rate))
+        _write_sample(d / f"{k:04d}.wav", speech[start:start + int(seconds * rate)], rate, prompt="p", seed=k,
+                      ref=str(tmp_path / "ref.wav"), speaker="s")
+    return ev.load_samples([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_report_embeds_opus_and_stays_under_10_mb_at_384_samples(tmp_path):
+    """The tiny pipeline's report holds 384 samples of 1-4 s (40 corpus clips: mean 1.9 s, longest
+    3.0 s). Players are Ogg Opus that decode to the clip's length, the reference is embedded once,
+    and the page grows by so little per sample that 384 clips of 3 s stay under 10 MB; the WAV
+    files as they are would not."""
+    samples = _speech_samples(tmp_path, 8, seconds=3.0)
+    pages = {rate: [ev.render_html(samples[:n], {}, {}, player_rate=rate) for n in (4, 8)] for rate in (16000, 0)}
+    size = {rate: len(big) + (384 - 8) * (len(big) - len(small)) / 4 for rate, (small, big) in pages.items()}
+    assert size[16000] <= 10e6 < size[0], size
+    p = ReportParser()
+    p.feed(pages[16000][1])
+    assert len(p.players) == 8 and len(p.refs) == 1
+    for sid in p.players[:2] + p.refs:
+        wav, rate = sf.read(io.BytesIO(base64.b64decode(p.audio[sid].split(",", 1)[1])))
+        want = sf.info(samples[0]["path"] if sid in p.players else p.refs[0]).duration
+        assert rate == 16000 and abs(len(wav) / rate - want) < 0.03 and np.abs(wav).max() > 0.1
+
+
+def test_player_rate_must_be_an_opus_rate(sample_dirs, tmp_path):
+    with pytest.raises(SystemExit, match="Opus"):
+        ev.main(["--samples", *sample_dirs, "--player_rate", "22050", "--metrics", "judge",
+                 "--out", str(tmp_path / "r.html")])
+    with pytest.raises(ValueError, match="Opus"):
+        ev.audio_data_uri(str(SPEECH), 44100)
+
+
+def test_dnsmos_on_a_spread_subset_and_one_window(tmp_path):
+    """--dnsmos_per_variant picks evenly spread samples of each variant; --dnsmos_windows 1 scores
+    the first 9.01 s window only, equal to dnsmos.py's own max_windows=1."""
+    from dnsmos import DNSMOS
+
+    samples = _speech_samples(tmp_path, 8, seconds=1.5)  # 1.5 s is repeated to 12 s: 3 windows
+    picked = ev.spread_subset(samples, 2)
+    assert [s["id"] for s in picked] == ["a/0001", "a/0007", "b/0000", "b/0006"]
+    assert ev.spread_subset(samples, 0) == samples and len(ev.spread_subset(samples, 9)) == 8
+    table, skipped = ev.score_samples(samples, _args(dnsmos_windows=1, dnsmos_per_variant=1), groups=["dnsmos"])
+    assert set(table["dnsmos_ovr"]) == {"a/0001", "b/0000"} and "dnsmos_ovr" not in skipped
+    assert samples[0]["id"] == "a/0001"
+    with torch.no_grad():
+        want = DNSMOS()(ev.read_mono16k(samples[0]["path"])[None], max_windows=1)
+    assert table["dnsmos_ovr"]["a/0001"] == pytest.approx(float(want["ovr"][0]), abs=1e-5)
+
+
+def _espeak_corpus(root, voices, per_voice, seed):
+    """A manifest of eSpeak clips (corpus.py's engine), like the corpus's judge split."""
+    import corpus
+
+    engine = corpus.Espeak.get()
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, voice in voices.items():
+        for k in range(per_voice):
+            text = corpus.sentence(rng)
+            wav = corpus.resample(engine.synth(text, *voice, seed=seed * 100 + k), engine.rate, 16000)
+            sf.write(root / f"{name}_{k}.wav", wav, 16000)
+            rows.append({"audio": f"{name}_{k}.wav", "text": text, "speaker": name})
+    (root / "split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "split.jsonl", rows
+
+
+def test_ge2e_rows_equal_voice_encoder(tmp_path):
+    """ge2e_sim is the cosine of a sample's and its reference's embeddings (1 for a sample that is
+    its reference); with --ge2e_split the per-variant means of ge2e_acc / ge2e_margin equal
+    voice_encoder.identify against that split's centroids; without it they are skipped, named."""
+    import judge as judge_lib
+    import voice_encoder as ve
+
+    voices = {"deep": ("en-us+m1", 30, 40, 150), "bright": ("en+f2", 75, 70, 175)}
+    split, _ = _espeak_corpus(tmp_path / "judge", voices, 3, seed=1)
+    _, rows = _espeak_corpus(tmp_path / "gen", voices, 2, seed=2)
+    (tmp_path / "v").mkdir()
+    for k, r in enumerate(rows):  # "samples": new utterances of both voices, the deep voice as reference
+        wav, rate = sf.read(tmp_path / "gen" / r["audio"], dtype="float32")
+        _write_sample(tmp_path / "v" / f"{k}.wav", wav, rate, prompt=r["text"], seed=k, speaker=r["speaker"],
+                      ref=str(tmp_path / "gen" / rows[0]["audio"]))
+    samples = ev.load_samples([str(tmp_path / "v")])
+    table, skipped = ev.score_samples(samples, _args(), groups=["ge2e"])
+    assert set(skipped) >= {"ge2e_acc", "ge2e_margin"} and "--ge2e_split" in skipped["ge2e_acc"]
+    assert table["ge2e_sim"]["v/0"] == pytest.approx(1.0, abs=1e-5)  # sample 0 is its own reference
+    assert all(v < 0.999 for k, v in table["ge2e_sim"].items() if k != "v/0")
+    table, skipped = ev.score_samples(samples, _args(ge2e_split=str(split)), groups=["ge2e"])
+    assert not {"ge2e_sim", "ge2e_acc", "ge2e_margin"} & set(skipped)
+    enc = ve.load_encoder()
+    clips, speakers = judge_lib.load_split(split)
+    want = ve.identify(ve.embed(enc, [ev.read_mono16k(s["path"]) for s in samples]),
+                       [s["meta"]["speaker"] for s in samples], ve.centroids_from_clips(ve.embed(enc, clips), speakers))
+    assert np.mean(list(table["ge2e_acc"].values())) == pytest.approx(want["accuracy"])
+    assert np.mean(list(table["ge2e_margin"].values())) == pytest.approx(want["margin"], abs=1e-6)
+    assert want["accuracy"] == 1.0 and want["margin"] > 0.1  # two clearly different eSpeak voices
+
+
+def test_ge2e_skipped_without_the_package(sample_dirs, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "resemblyzer" else real(name, *a))
+    table, skipped = ev.score_samples(ev.load_samples(sample_dirs), _args(), groups=["ge2e"])
+    assert "ge2e_sim" not in table and "resemblyzer" in skipped["ge2e_sim"]
 
 
 def _tiny_whisper(path):
