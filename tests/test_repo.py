@@ -71,7 +71,8 @@ def test_each_kind_of_outside_reference_is_caught(tmp_path):
     """Each pattern fires on a planted line, and stays quiet on the plain-word version and on
     relative paths that stay inside the repository."""
     up = "." * 2  # the parent directory, spelt so that this file does not match itself
-    planted = [f'path = "{up}/other/ltx23/config.json"', f"# runs with {up}/" + "shared beside it", f'os.path.join(ROOT, "{up}", "x")',
+    planted = [f'path = "{up}/other/ltx23/config.json"', f"# runs with {up}/" + "shared beside it",
+               f'os.path.join(ROOT, "{up}", "x")',
                "see the team folder " + "shared" + "/ltx23/README.md", "facts in " + "SPEC" + " §4",
                "style in " + "STYLE" + ".md", "fixed in " + "issue" + " 12", "a fix (" + "issue" + " 7)"]
     clean = ["16 kHz (the audio VAE's input rate)", "x_t = (1 - sigma) x0 + sigma eps", "shape (B, T, 128)",
@@ -89,4 +90,4 @@ def test_each_kind_of_outside_reference_is_caught(tmp_path):
     hits = outside_references(str(tmp_path))
     want = [f"planted.py:{n}" for n in range(1, len(planted) + 1)]
     want += [f"tests/planted.py:{n}" for n in range(1, len(planted_sub) + 1)]
-    assert sorted(where for where, _, _ in hits) == sorted(want), hits
+    assert sorted({where for where, _, _ in hits}) == sorted(want), hits
