@@ -154,8 +154,8 @@ def test_energy_trimming_close_to_webrtcvad(speech, models):
         want = np.stack([package_embed(ref, w, trim=True) for w in clips])
         ours = (ve.embed(enc, [torch.from_numpy(w) for w in clips]).numpy() * want).sum(1)
         kept = (ve.embed(enc, [torch.from_numpy(w) for w in clips], trim=False).numpy() * want).sum(1)
-        assert ours.min() >= 0.96 and ours.mean() >= 0.99, (level, ours)
-        assert ours.mean() > kept.mean() + 0.02, (level, ours, kept)
+        assert ours.min() >= 0.995, (level, ours)  # measured: >= 0.9985
+        assert 1 - ours.mean() < (1 - kept.mean()) / 5, (level, ours, kept)  # keeping the gaps: 0.95-0.98
 
 
 def test_bad_clips_are_named():
