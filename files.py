@@ -111,8 +111,8 @@ def torch_load(path, mmap=False):
         detail = str(e).strip().splitlines()
         needs = next((line.strip() for line in detail if "GLOBAL" in line or "Unsupported" in line), "")
         raise BadFile(f"{path} is a pickle with code/objects we do not load ({needs or 'not plain tensors'}); "
-                         "only tensors, numbers, strings and lists/dicts of them are read, never code "
-                         "(use the safetensors files speakerbox writes)") from None
+                      "only tensors, numbers, strings and lists/dicts of them are read, never code "
+                      "(use the safetensors files speakerbox writes)") from None
     except (RuntimeError, EOFError, OSError, ValueError, struct.error) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadFile(f"{path}: not a readable torch file, truncated or damaged ({reason})") from None
@@ -136,8 +136,10 @@ def read_header(path):
             raise BadFile(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
         (n,) = struct.unpack("<Q", raw)
         if n > min(HEADER_LIMIT, size - 8):
+            if all(32 <= b < 127 or b in (9, 10, 13) for b in raw):
+                raise BadFile(f"{path}: not a safetensors file (it starts with text: {raw.decode()!r})")
             raise BadFile(f"{path}: not a safetensors file, or truncated (its first 8 bytes announce a "
-                             f"{n}-byte header, the file has {size} bytes)")
+                          f"{n}-byte header, the file has {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -204,7 +206,7 @@ def check_finite(tensors, path):
     bad = [k for k, t in tensors.items() if nonfinite(t)]
     if bad:
         raise BadFile(f"{path}: tensor {bad[0]!r} holds NaN or Inf values ({len(bad)} of {len(tensors)} "
-                         "tensors do): a diverged or damaged file")
+                      "tensors do): a diverged or damaged file")
 
 
 def load_safetensors(path, keep=None, *, device="cpu", dtype=None, finite=True):

@@ -639,8 +639,8 @@ def load_dit_from_args(args, device, dtype, av=False, adaln_meta=None):
     cfg = run_config(args, adaln_meta)
     try:
         model = load_dit(args.ckpt, av=av, device=device, dtype=dtype, strict=True)
-    except files.BadFile:  # damaged, truncated, NaN: the message names the file and says so
-        raise
+    except files.BadFile as e:  # damaged, truncated, NaN: the message names the file and says so
+        raise files.BadFile(f"--ckpt {e}") from None
     except (KeyError, RuntimeError, ValueError) as e:
         want = "--av needs an audio-video (LTX-2 / LTX-2.3 AV) checkpoint" if av else \
             "not a DiT checkpoint this model can load"
