@@ -90,8 +90,10 @@ class Config:
     lora_rank: int = 64
     lora_alpha: float = 64.0
     lora_dropout: float = 0.0
+    lora_speaker: bool = False  # stage 1 also trains a SpeakerAdaLNZero with the LoRA (stage 2 starts from it)
     # --- stage 2: SpeakerAdaLNZero + ReFL (adaln.py, speaker.py, losses.py) ------------------
     adaln_hidden: int = 512
+    adaln_init: str = ""  # stage 2 starts from this SpeakerAdaLNZero file (a speaker-aware stage 1's); "" = zero heads
     speaker_dropout: float = 0.1  # prob. of training a sample without its speaker features
     speaker_extractors: list[str] = field(default_factory=lambda: ["mel_stats"])
     speaker_paths: dict = field(default_factory=dict)  # extractor -> local weights directory
@@ -125,11 +127,13 @@ class Config:
     corpus_speakers: int = 8
     corpus_utts: int = 40  # utterances per speaker, split train / val / judge by corpus.py
     corpus_seed: int = 0  # the corpus stays the same across training seeds
+    corpus_unseen: int = 0  # the last N of corpus_speakers are held out of every training stage (zero-shot)
     corpus_val_frac: float = 0.15  # val clips: the sampling prompts and references (prompts x speakers samples)
     sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
     sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
+    sample_prompts: int = 0  # the first N val prompts are spoken by every reference (0 = all of them)
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
     cpu_threads: int = 0  # torch threads of every step (OMP_NUM_THREADS); 0 = torch's default

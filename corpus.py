@@ -11,7 +11,8 @@ Sentences come from a small seeded grammar, so every utterance says something di
 Layout written under `--out` (paths in the manifests are relative to it):
 
     wavs/spk00/spk00_0000.wav      16 kHz mono PCM16, 1-4 s
-    train.jsonl val.jsonl judge.jsonl
+    train.jsonl val.jsonl judge.jsonl      the seen voices
+    val_unseen.jsonl judge_unseen.jsonl    the held-out voices (empty files when unseen = 0)
         {"audio": "wavs/...", "text": "A clear voice. \\"the red fox runs\\"", "speaker": "spk00",
          "source": "espeak", "id": "spk00_0000"}
     transcripts.tsv                id, speaker, split, raw transcript
@@ -23,8 +24,10 @@ reference clip. (Each voice's own description is kept in `corpus.json`.)
 
 The split is by utterance, per speaker: `judge` clips train the speaker-identification judge
 (judge.py) and are never seen by the generator; `val` clips are held out from both, so they are
-the references for sampling and the clean test set of the judge. A second call with the same
-settings finds `corpus.json` with the same hash and returns at once.
+the references for sampling and the clean test set of the judge. The last `unseen` voices are held
+out of training altogether (zero-shot cloning): their clips go to `val_unseen` and `judge_unseen`
+only, never to `train`. A second call with the same settings finds `corpus.json` with the same hash
+and returns at once.
 """
 
 import argparse
@@ -43,8 +46,8 @@ import soundfile as sf
 SAMPLE_RATE = 16000  # the codec's and the speaker extractors' rate (both take 16 kHz)
 MIN_SECONDS, MAX_SECONDS = 1.0, 4.0
 SOURCE = "espeak"
-SPLITS = ("train", "val", "judge")
-FORMAT_VERSION = 1  # bump when the output of the same settings changes
+SPLITS = ("train", "val", "judge", "val_unseen", "judge_unseen")
+FORMAT_VERSION = 2  # bump when the output of the same settings changes
 DESCRIPTION = "A clear voice."  # LTX-style prompt: description, then the spoken line in quotes
 
 # (eSpeak voice "language+variant", pitch 0-99, pitch range 0-99, rate words/min, description).
@@ -63,6 +66,14 @@ VOICES = [
     ("en+klatt", 65, 20, 150, "A flat, robotic voice."),
     ("en-gb-x-gbclan+f3", 80, 90, 180, "An expressive Lancashire woman."),
     ("en-us+m6", 45, 10, 130, "A monotone, unhurried man."),
+    ("en-gb-x-gbcwmd+m4", 35, 50, 165, "A West Midlands man with a low voice."),
+    ("en+f5", 70, 60, 150, "A calm, warm woman."),
+    ("en-gb-scotland+f1", 85, 40, 155, "A high Scottish woman."),
+    ("en+grandpa", 30, 70, 135, "An old man, slow and wavering."),
+    ("en-029+f3", 65, 70, 190, "A quick Caribbean woman."),
+    ("en-us+m8", 50, 30, 175, "A plain American man."),
+    ("en+m5", 20, 50, 170, "A very deep man."),
+    ("en-us-nyc+f4", 75, 80, 200, "A fast New York woman."),
 ]
 
 # A seeded grammar: "the <adj> <noun> <verb> <prep> the <adj> <noun>" and shorter variants.
@@ -216,21 +227,24 @@ def utterance(engine, rng, voice):
     raise RuntimeError(f"voice {name}: no sentence fell within {MIN_SECONDS}-{MAX_SECONDS} s")
 
 
-def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, judge_frac=0.25,
+def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, judge_frac=0.25, unseen=0,
                  verbose=True):
     """Build (or find cached) the corpus under `out`; returns the `corpus.json` dict.
 
     The result's "manifests" maps each split to its JSONL path. Speaker k's sentences depend only
-    on (seed, k), so adding speakers leaves the existing ones unchanged.
+    on (seed, k), so adding speakers leaves the existing ones unchanged. The last `unseen` of the
+    `speakers` voices are held out of `train`: their training share goes to `judge_unseen`.
     """
     if not 1 <= speakers <= len(VOICES):
         raise ValueError(f"speakers must be 1..{len(VOICES)} (the voices in corpus.VOICES), got {speakers}")
+    if not 0 <= unseen < speakers:
+        raise ValueError(f"unseen must be 0..{speakers - 1} (at least one voice is trained on), got {unseen}")
     n_train, n_val, n_judge = split_counts(utts_per_speaker, val_frac, judge_frac)
     out = Path(out)
     settings = {"speakers": speakers, "utts_per_speaker": utts_per_speaker, "seed": seed,
                 "val_frac": val_frac, "judge_frac": judge_frac, "sample_rate": SAMPLE_RATE,
                 "voices": [list(v) for v in VOICES[:speakers]], "description": DESCRIPTION,
-                "version": FORMAT_VERSION}
+                "unseen": unseen, "version": FORMAT_VERSION}
     digest = settings_hash(settings)
     info_path = out / "corpus.json"
     if info_path.is_file():
@@ -254,6 +268,8 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
         (out / "wavs" / spk).mkdir(parents=True, exist_ok=True)
         splits = ["train"] * n_train + ["val"] * n_val + ["judge"] * n_judge
         rng.shuffle(splits)  # which utterance goes where is random, not "the last ones"
+        if k >= speakers - unseen:  # a held-out voice: nothing of it is trained on
+            splits = ["val_unseen" if s == "val" else "judge_unseen" for s in splits]
         for i, split in enumerate(splits):
             text, wav = utterance(engine, rng, voice)
             utt_id = f"{spk}_{i:04d}"
@@ -271,7 +287,8 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
     _write_atomic(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
     info = {"hash": digest, "settings": settings, "manifests": manifests,
             "speakers": {f"spk{k:02d}": {"voice": v[0], "pitch": v[1], "range": v[2], "rate": v[3],
-                                         "description": v[4]} for k, v in enumerate(VOICES[:speakers])},
+                                         "description": v[4], "seen": k < speakers - unseen}
+                         for k, v in enumerate(VOICES[:speakers])},
             "utterances": sum(len(r) for r in rows.values()),
             "counts": {split: len(rows[split]) for split in SPLITS},
             "audio_seconds": round(total_seconds, 1), "build_seconds": round(time.time() - t0, 2)}
@@ -311,8 +328,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val_frac", type=float, default=0.15)
     parser.add_argument("--judge_frac", type=float, default=0.25)
+    parser.add_argument("--unseen", type=int, default=0, help="the last N voices are held out of training")
     args = parser.parse_args(argv)
-    build_corpus(args.out, args.speakers, args.utts_per_speaker, args.seed, args.val_frac, args.judge_frac)
+    build_corpus(args.out, args.speakers, args.utts_per_speaker, args.seed, args.val_frac, args.judge_frac,
+                 args.unseen)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def paths(cfg):
     run = Path(cfg.out_dir) / cfg.name
     corpus = Path(cfg.corpus_dir)
     out = {"run": run, "corpus": corpus, "train": corpus / "train.jsonl", "val": corpus / "val.jsonl",
-           "judge_split": corpus / "judge.jsonl", "merged": run / "merged.safetensors",
+           "judge_split": corpus / "judge.jsonl", "val_unseen": corpus / "val_unseen.jsonl",
+           "judge_unseen": corpus / "judge_unseen.jsonl", "merged": run / "merged.safetensors",
            "samples": run / "samples", "judge": run / "judge.pt", "judge_json": run / "judge.json",
            "report": run / "report.html", "scores": run / "scores.json", "summary": run / "summary.json",
            "data_config": run / "data_config.json"}
@@ -129,7 +130,8 @@ def run_command(args, log_path, launcher=()):
 def step_corpus(cfg, p, yamls, overrides):
     """corpus.py: the eSpeak NG corpus with train / val / judge manifests (cached by its settings)."""
     run_command(["corpus.py", "--out", p["corpus"], "--speakers", cfg.corpus_speakers, "--utts_per_speaker",
-                 cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac],
+                 cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac,
+                 "--unseen", cfg.corpus_unseen],
                 p["run"] / "logs" / "corpus.log")
 
 
@@ -147,6 +149,8 @@ def train_stage(stage, ckpt):
         args = ["train.py", *yamls, *stage_yaml, "--overwrite=true", *overrides, f"--stage={stage}",
                 f"--name={cfg.name}_{stage}", f"--manifest={p['train']}", f"--val_manifest={p['val']}",
                 f"--ckpt={p[ckpt] if ckpt else ''}"]
+        if stage == "adaln" and cfg.lora_speaker:  # stage 2 starts from the AdaLN trained with the LoRA
+            args.append(f"--adaln_init={p['lora_dir'] / STAGE_OUTPUT['adaln']}")
         # train_processes > 1: the same command under torchrun, one process per GPU (or gloo CPU process)
         n = cfg.train_processes
         launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}") if n > 1 else ()
@@ -182,6 +186,10 @@ def step_sample(cfg, p, yamls, overrides):
     import sample as sample_lib
 
     prompts, durations, refs = reference_clips(p["val"])
+    if cfg.sample_prompts:
+        prompts, durations = prompts[:cfg.sample_prompts], durations[:cfg.sample_prompts]
+    unseen = reference_clips(p["val_unseen"])[2] if cfg.corpus_unseen else {}
+    refs = {**refs, **unseen}  # held-out voices speak the same prompts; their samples say seen: false
     # the config that made the cache (no `ckpt`: the text projection is the seeded random one)
     p["data_config"].write_text(json.dumps({"config": {**config_dict(cfg), "ckpt": "", "stage": "adaln"}}))
     # Each prompt is spoken for as long as its own corpus clip: the model was trained on 1-4 s clips,
@@ -204,22 +212,30 @@ def step_sample(cfg, p, yamls, overrides):
                                  seeds=[i[2] for i in items], ref_wavs=[refs[i[1]] for i in items],
                                  ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
                                  duration=[i[3] for i in items], device=device, dtype=dtype, **settings)
-        out_dir = p["samples"] / variant
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)  # a previous run's samples would be scored with these
-        out_dir.mkdir(parents=True)
+        for group in ("", "_unseen"):  # held-out voices apart: the MLP judge knows only the seen ones
+            out_dir = p["samples"] / f"{variant}{group}"
+            if out_dir.is_dir():
+                shutil.rmtree(out_dir)  # a previous run's samples would be scored with these
         for k, ((prompt, spk, seed, seconds), wav) in enumerate(zip(items, wavs)):
+            out_dir = p["samples"] / (f"{variant}_unseen" if spk in unseen else variant)
+            out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"{k:04d}_{spk}_seed{seed}.wav"
             sf.write(path, wav.T.numpy(), codec.output_rate)
-            meta = {"variant": variant, "prompt": prompt, "speaker": spk, "ref": refs[spk], "seed": seed,
+            meta = {"variant": variant, "prompt": prompt, "speaker": spk, "seen": spk not in unseen,
+                    "ref": refs[spk], "seed": seed,
                     "duration_s": round(seconds, 2),
                     "ckpt": str(p["merged"]), "adaln": str(p["adaln"]) if adaln else None, **settings}
             (out_dir / f"{path.stem}.json").write_text(json.dumps(meta, indent=1))
-        print(f"    {variant}: {len(wavs)} samples in {time.time() - t0:.1f} s -> {out_dir}", flush=True)
+        print(f"    {variant}: {len(wavs)} samples in {time.time() - t0:.1f} s -> {p['samples'] / variant}"
+              + ("{,_unseen}" if unseen else ""), flush=True)
 
 
 def step_eval(cfg, p, yamls, overrides):
-    """Judge trained on the held-out `judge` split; accuracy and margin per variant; the HTML report."""
+    """Both speaker judges on every variant, seen and held-out voices apart, into judge.json; the
+    HTML report. The headline is the independent GE2E encoder (voice_encoder.py): a network the
+    generator never met, identifying each sample against centroids of the corpus's judge clips.
+    The MLP judge (judge.py) works on log-mel statistics, the space stage 2 is conditioned in, so
+    it is shown beside it, never alone."""
     import judge as judge_lib
 
     t0 = time.time()
@@ -228,30 +244,60 @@ def step_eval(cfg, p, yamls, overrides):
     judge_lib.save_judge(judge, p["judge"])
     print(f"    judge: trained on {len(wavs)} real clips of {len(judge.speakers)} speakers in "
           f"{time.time() - t0:.1f} s", flush=True)
+    samples = {v: load_samples(p["samples"] / v) for v in VARIANTS + tuple(f"{v}_unseen" for v in VARIANTS)}
+    samples = {v: s for v, s in samples.items() if s[0]}
     results = {}
     with judge_lib.one_thread():
         val_wavs, val_speakers = judge_lib.load_split(p["val"])
         results["real_val"] = judge_lib.judge_report(judge, val_wavs, val_speakers)  # the judge's own test
         for variant in VARIANTS:
-            d = p["samples"] / variant
-            if not d.is_dir():
-                continue
-            clips, refs = [], []
-            for side in sorted(d.glob("*.json")):
-                meta = json.loads(side.read_text())
-                clips.append(read_wav(side.with_suffix(".wav")))
-                refs.append(meta["speaker"])
-            results[variant] = judge_lib.judge_report(judge, clips, refs)
+            if variant in samples:
+                results[variant] = judge_lib.judge_report(judge, *samples[variant])
     report = {"chance": 1.0 / len(judge.speakers), "speakers": judge.speakers, "judge_clips": len(wavs),
-              **{k: {m: v[m] for m in ("n", "accuracy", "margin", "per_speaker")} for k, v in results.items()}}
+              **{k: {m: v[m] for m in ("n", "accuracy", "margin", "per_speaker")} for k, v in results.items()},
+              "ge2e": ge2e_report(cfg, p, samples)}
     p["judge_json"].write_text(json.dumps(report, indent=1))
-    dirs = [str(p["samples"] / v) for v in VARIANTS if (p["samples"] / v).is_dir()]
+    print(f"    judges scored {sum(len(s[0]) for s in samples.values())} samples in {time.time() - t0:.1f} s",
+          flush=True)
+    dirs = [str(p["samples"] / v) for v in VARIANTS if v in samples]
     curves = [f"{stage}={p[f'{stage}_dir'] / 'metrics.jsonl'}" for stage in STAGE_OUTPUT
               if (p[f"{stage}_dir"] / "metrics.jsonl").is_file()]
     run_command(["eval.py", "--samples", *dirs, "--baseline", "baseline", "--judge", p["judge"],
                  "--metrics", cfg.eval_metrics, "--player_rate", REPORT_PLAYER_RATE, "--out", p["report"], "--scores", p["scores"],
                  "--title", f"speakerbox pipeline: {cfg.name}", *(["--metrics_jsonl", *curves] if curves else [])],
                 p["run"] / "logs" / "eval.log")
+
+
+def load_samples(directory):
+    """([clip (N,) at 16 kHz], [reference speaker]) of a sample directory (empty when absent)."""
+    clips, speakers = [], []
+    if directory.is_dir():
+        for side in sorted(directory.glob("*.json")):
+            clips.append(read_wav(side.with_suffix(".wav")))
+            speakers.append(json.loads(side.read_text())["speaker"])
+    return clips, speakers
+
+
+def ge2e_report(cfg, p, samples):
+    """GE2E identification {seen | unseen: {real_val | variant: voice_encoder.identify(...)}}: every
+    clip against the centroids of its group's judge clips (seen voices: `judge`, held-out voices:
+    `judge_unseen`), so chance is 1 / voices in the group."""
+    import judge as judge_lib
+    import voice_encoder
+
+    encoder = voice_encoder.load_encoder()
+    out = {}
+    for group, judge_split, val_split in (("seen", "judge_split", "val"), ("unseen", "judge_unseen", "val_unseen")):
+        if group == "unseen" and not cfg.corpus_unseen:
+            continue
+        wavs, speakers = judge_lib.load_split(p[judge_split])
+        centroids = voice_encoder.centroids_from_clips(voice_encoder.embed(encoder, wavs), speakers)
+        suffix = "" if group == "seen" else "_unseen"
+        real = judge_lib.load_split(p[val_split])
+        sets = {"real_val": real, **{v: samples[f"{v}{suffix}"] for v in VARIANTS if f"{v}{suffix}" in samples}}
+        out[group] = {name: voice_encoder.identify(voice_encoder.embed(encoder, clips), spk, centroids)
+                      for name, (clips, spk) in sets.items()}
+    return out
 
 
 def read_wav(path):
@@ -289,14 +335,15 @@ def summarize(cfg, p, times):
              f"  {'step':<8} {'wall s':>8}"]
     lines += [f"  {k:<8} {v:>8.1f}" for k, v in times.items()]
     if judge:
-        lines.append(f"  judge: {judge['judge_clips']} real clips, chance {judge['chance']:.3f}; "
-                     f"held-out real clips {judge['real_val']['accuracy']:.3f}")
-        lines.append(f"  {'variant':<13} {'accuracy':>9} {'x chance':>9} {'margin':>8}")
-        for v in VARIANTS:
-            if v in judge:
-                r = judge[v]
-                lines.append(f"  {v:<13} {r['accuracy']:>9.3f} {r['accuracy'] / judge['chance']:>9.1f} "
-                             f"{r['margin']:>8.3f}")
+        lines.append("  speaker identification: accuracy (x chance) margin; GE2E = independent encoder,"
+                     " MLP = log-mel judge")
+        lines.append(f"  {'':<13} {'GE2E seen':>22} {'GE2E unseen':>22} {'MLP seen':>22}")
+        ge2e = judge.get("ge2e", {})
+        for v in ("real_val",) + VARIANTS:
+            cells = [ge2e.get("seen", {}).get(v), ge2e.get("unseen", {}).get(v), judge.get(v)]
+            cells = [f"{r['accuracy']:.3f} ({r['accuracy'] * (1 / r['chance'] if 'chance' in r else len(judge['speakers'])):.1f}x) "
+                     f"{r['margin']:+.3f}" if r else "-" for r in cells]
+            lines.append(f"  {v:<13} " + " ".join(f"{c:>22}" for c in cells))
     if p["report"].is_file():
         lines.append(f"  report: {p['report']}")
     lines.append(f"  summary: {p['summary']}")

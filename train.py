@@ -242,14 +242,12 @@ def build(cfg, device, example, with_audio=True):
             trainable = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
             parts["audio_adapters"] = lora.audio_adapter_params(dit)
         elif cfg.stage == "adaln":
-            torch.manual_seed(cfg.seed)
-            # dropout=0 here: micro_loss drops speakers with the micro-batch's own generator
-            parts["adaln"] = adaln_lib.SpeakerAdaLNZero(
-                example["speaker"].shape[-1], num_blocks=dit.cfg.num_layers, dim=dit.cfg.dim,
-                rows=dit.cfg.ada_rows, hidden=cfg.adaln_hidden)
-            trainable = [("adaln." + n, p) for n, p in parts["adaln"].named_parameters()]
+            trainable = []
         else:
             raise ValueError(f"config key 'stage': unknown stage {cfg.stage!r} (base | lora | adaln)")
+        if cfg.stage == "adaln" or cfg.lora_speaker:
+            parts["adaln"] = speaker_adaln(cfg, dit, example["speaker"].shape[-1])
+            trainable += [("adaln." + n, p) for n, p in parts["adaln"].named_parameters()]
     # the frozen base is stored in param_dtype; stage-2 AdaLN stays fp32 (as LAIONBox trains it)
     dit.to(device, param_dtype)
     connector.to(device, param_dtype)
@@ -258,10 +256,36 @@ def build(cfg, device, example, with_audio=True):
     if parts["adaln"] is not None:
         parts["adaln"].to(device, torch.float32)
     if cfg.stage == "lora":
-        for _, p in trainable:  # LoRA weights live in the base dtype; masters keep them exact
-            p.data = p.data.to(param_dtype)
+        for name, p in trainable:  # LoRA weights live in the base dtype; masters keep them exact
+            if not name.startswith("adaln."):
+                p.data = p.data.to(param_dtype)
     parts["trainable"] = trainable
     return parts
+
+
+def speaker_adaln(cfg, dit, in_dim):
+    """The SpeakerAdaLNZero of `dit`: zero heads, or the weights in `cfg.adaln_init`.
+
+    A speaker-aware stage 1 (`lora_speaker`) trains it together with the LoRA, so that the LoRA
+    learns to let the block modulation carry the voice; stage 2 then starts from it on the merged,
+    frozen DiT. From zero heads on a backbone that never had a speaker input, AdaLN deltas alone
+    move the spectrum toward the reference but not the voice (records/2026-11-29_speaker_path.md).
+    """
+    torch.manual_seed(cfg.seed)
+    # dropout=0 here: micro_loss drops speakers with the micro-batch's own generator
+    net = adaln_lib.SpeakerAdaLNZero(in_dim, num_blocks=dit.cfg.num_layers, dim=dit.cfg.dim, rows=dit.cfg.ada_rows,
+                                     hidden=cfg.adaln_hidden)
+    if cfg.adaln_init:
+        state, _ = adaln_lib.read_adaln_file(cfg.adaln_init)
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in state.items()}
+        if have != want:
+            bad = next(k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k))
+            raise ValueError(f"{cfg.adaln_init} (adaln_init): {bad} is {have.get(bad)}, this run needs "
+                             f"{want.get(bad)} (speaker features {in_dim}-d, adaln_hidden {cfg.adaln_hidden}, "
+                             f"{dit.cfg.num_layers} blocks)")
+        net.load_state_dict(state)
+    return net
 
 
 # -----------------------------------------------------------------------------------------------
@@ -683,6 +707,8 @@ def export_weights(cfg, parts, trainable, masters, run_dir, tag=""):
     elif cfg.stage == "lora":
         path = os.path.join(run_dir, f"lora{tag}.safetensors")
         lora.save_lora(parts["dit"], path, base_model_id=cfg.ckpt or cfg.model, state=state)
+        if parts["adaln"] is not None:  # speaker-aware stage 1: the AdaLN that stage 2 starts from
+            export_adaln(cfg, parts, state, os.path.join(run_dir, f"adaln{tag}.safetensors"))
     else:
         path = export_adaln(cfg, parts, state, os.path.join(run_dir, f"adaln{tag}.safetensors"))
     return path

@@ -30,7 +30,8 @@ def rows_of(info, split):
 
 def test_manifests(tiny):
     out, info = tiny
-    assert set(info["manifests"]) == {"train", "val", "judge"}
+    assert set(info["manifests"]) == {"train", "val", "judge", "val_unseen", "judge_unseen"}
+    assert rows_of(info, "val_unseen") == rows_of(info, "judge_unseen") == []  # no held-out voice asked for
     ids = []
     for split in ("train", "val", "judge"):
         rows = rows_of(info, split)
@@ -121,7 +122,7 @@ def test_deterministic(tmp_path):
         return {p.relative_to(tmp_path / name): p.read_bytes()
                 for p in sorted((tmp_path / name).rglob("*")) if p.is_file() and p.name != "corpus.json"}
     a, b, c = build("a", 0), build("b", 0), build("c", 1)
-    assert len(a) == 8 * 3 + 4 and a == b
+    assert len(a) == 8 * 3 + 6 and a == b  # clips + 5 manifests + transcripts.tsv
     assert a[Path("transcripts.tsv")] != c[Path("transcripts.tsv")]
 
 
@@ -142,6 +143,30 @@ def test_bad_settings(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    corpus.main(["--out", str(tmp_path), "--speakers", "2", "--utts_per_speaker", "3"])
-    assert "built 6 utterances" in capsys.readouterr().out
-    assert json.loads((tmp_path / "corpus.json").read_text())["counts"] == {"train": 2, "val": 2, "judge": 2}
+    corpus.main(["--out", str(tmp_path), "--speakers", "3", "--utts_per_speaker", "3", "--unseen", "1"])
+    assert "built 9 utterances" in capsys.readouterr().out
+    assert json.loads((tmp_path / "corpus.json").read_text())["counts"] == {
+        "train": 2, "val": 2, "judge": 2, "val_unseen": 1, "judge_unseen": 2}
+
+
+def test_unseen_voices_are_held_out_of_training(tmp_path):
+    """The last `unseen` voices never reach train.jsonl: their clips are split between val_unseen
+    (references) and judge_unseen (centroids), and the seen voices are the same clips as without
+    held-out voices (a speaker's sentences depend only on the seed and its index)."""
+    info = corpus.build_corpus(tmp_path / "u", speakers=5, utts_per_speaker=4, seed=0, unseen=2, verbose=False)
+    plain = corpus.build_corpus(tmp_path / "p", speakers=3, utts_per_speaker=4, seed=0, verbose=False)
+    speakers = {split: {r["speaker"] for r in rows_of(info, split)} for split in corpus.SPLITS}
+    assert speakers["train"] == speakers["val"] == speakers["judge"] == {"spk00", "spk01", "spk02"}
+    assert speakers["val_unseen"] == speakers["judge_unseen"] == {"spk03", "spk04"}
+    assert len(rows_of(info, "val_unseen")) == 2 and len(rows_of(info, "judge_unseen")) == 2 * 3
+    assert [info["speakers"][f"spk{k:02d}"]["seen"] for k in range(5)] == [True] * 3 + [False] * 2
+    for split in ("train", "val", "judge"):
+        assert [r["text"] for r in rows_of(info, split)] == [r["text"] for r in rows_of(plain, split)]
+    with pytest.raises(ValueError, match="unseen must be"):
+        corpus.build_corpus(tmp_path / "x", speakers=3, utts_per_speaker=4, unseen=3, verbose=False)
+
+
+def test_voice_table_has_sixteen_distinct_voices():
+    """At least 16 voices, no two alike (the zero-shot split needs voices to hold out)."""
+    assert len(corpus.VOICES) >= 16
+    assert len({v[:4] for v in corpus.VOICES}) == len(corpus.VOICES)
