@@ -30,7 +30,7 @@ class Config:
     model: str = "tiny"  # a preset name in model.PRESETS; ignored when `ckpt` is given
     ckpt: str = ""  # official / merged DiT safetensors; the model is built from its metadata
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each DiT block (minutes to build on a CPU; train.build)
 
     # --- codec (codec.py) ------------------------------------------------------------------
     codec: str = "mel"  # mel | ltx

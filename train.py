@@ -223,6 +223,9 @@ def build(cfg, device, example, with_audio=True):
                                           video_cross_attention_dim=example["video_text"].shape[-1])
         dit = model_lib.AudioDiT(dit_cfg)
     dit.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:  # one graph per block, built at its first call (records/2026-11-29_compile_bench.md)
+        for block in dit.transformer_blocks:
+            block.compile()
     connector = text_lib.build_text_connector(cfg.model, ckpt=cfg.text_ckpt or cfg.ckpt, dim=text_dim,
                                               register_layout=cfg.register_layout, seed=cfg.seed, dtype=param_dtype)
     parts = {"dit": dit, "connector": connector, "adaln": None, "video_connector": None}
