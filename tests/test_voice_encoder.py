@@ -93,7 +93,7 @@ def test_mel_frames_equal_librosa(speech, others):
 
 
 def test_partial_windows_equal_package():
-    for n in [0, 1, 159, 160, 12000, 25599, 25600, 25601, 30000, 37000, 38000, 40000, 48000, 96000, 123457]:
+    for n in [0, 1, 159, 160, 25599, 25600, 25601, *range(1000, 130000, 97)]:  # every coverage case
         _, mel_slices = resemblyzer.VoiceEncoder.compute_partial_slices(n, rate=1.3, min_coverage=0.75)
         assert ve.partial_starts(n) == [s.start for s in mel_slices], n
 
