@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+import files
+
 SAMPLE_RATE = 16000  # the codec's and the speaker extractors' rate (both take 16 kHz)
 MIN_SECONDS, MAX_SECONDS = 1.0, 4.0
 SOURCE = "espeak"
@@ -282,9 +284,9 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
     manifests = {}
     for split in SPLITS:
         name = f"{split}.jsonl"
-        _write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in rows[split]))
+        files.write_text(out / name, "".join(json.dumps(r) + "\n" for r in rows[split]))
         manifests[split] = name
-    _write_atomic(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
+    files.write_text(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
     info = {"hash": digest, "settings": settings, "manifests": manifests,
             "speakers": {f"spk{k:02d}": {"voice": v[0], "pitch": v[1], "range": v[2], "rate": v[3],
                                          "description": v[4], "seen": k < speakers - unseen}
@@ -292,7 +294,7 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
             "utterances": sum(len(r) for r in rows.values()),
             "counts": {split: len(rows[split]) for split in SPLITS},
             "audio_seconds": round(total_seconds, 1), "build_seconds": round(time.time() - t0, 2)}
-    _write_atomic(info_path, json.dumps(info, indent=1))  # written last: its presence means complete
+    files.write_text(info_path, json.dumps(info, indent=1))  # written last: its presence means complete
     if verbose:
         print(f"corpus: built {info['utterances']} utterances ({info['audio_seconds']} s of audio, "
               f"{speakers} speakers, splits {info['counts']}) in {info['build_seconds']} s -> {out}")
@@ -312,12 +314,6 @@ def _complete(out, manifests):
 
 def _with_paths(info, out):
     return {**info, "manifests": {s: str(out / m) for s, m in info["manifests"].items()}}
-
-
-def _write_atomic(path, text):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
+
+import files
 
 SAMPLE_RATE = 16000
 N_FFT, HOP, N_MELS = 1024, 160, 80  # 64 ms windows resolve harmonics of f0 down to ~60 Hz
@@ -194,16 +195,13 @@ def save_judge(judge, path):
              "dim": judge.centroids.shape[1],
              "features": {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS,
                           "active_db": ACTIVE_DB}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.torch_save(state, path)
 
 
 def load_judge(path):
     """Read a judge written by `save_judge`; refuses one made with other feature settings."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = files.torch_load(path)
     want = {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS, "active_db": ACTIVE_DB}
     if state.get("features") != want:
         raise ValueError(f"{path}: judge features {state.get('features')} differ from this judge.py's {want}")

@@ -733,8 +733,9 @@ def adaln_for(path, state, meta, model, speaker=None):
 
     module = adaln_from_state(state, meta, path, rows=model.cfg.ada_rows)
     if module.num_blocks != model.cfg.num_layers or module.rows * module.dim != model.cfg.ada_rows * model.cfg.dim:
-        raise ValueError(f"--adaln {path}: {module.num_blocks} heads of width {module.rows * module.dim}, but the DiT "
-                         f"has {model.cfg.num_layers} blocks of {model.cfg.ada_rows}x{model.cfg.dim}: made for another DiT")
+        raise ValueError(f"--adaln {path}: {module.num_blocks} heads of width {module.rows * module.dim}, but the "
+                         f"DiT has {model.cfg.num_layers} blocks of {model.cfg.ada_rows}x{model.cfg.dim}: made for "
+                         "another DiT")
     if speaker is None or speaker.dim != module.in_dim:
         raise ValueError(f"--adaln {path} takes {module.in_dim}-d speaker features, the run config's extractors "
                          f"give {None if speaker is None else speaker.dim}")
@@ -833,8 +834,8 @@ def main_av(args, prompts, seeds, device, dtype):
         path = args.out or os.path.join(args.out_dir, f"{k // len(seeds):03d}_seed{seed}.wav")
         stem = os.path.splitext(path)[0]
         sf.write(path, wav.T.numpy(), codec.output_rate)
-        torch.save({"latents": latents.contiguous(), "num_frames": F, "height": H, "width": W, "fps": args.fps},
-                   stem + ".video_latents.pt")
+        files.torch_save({"latents": latents.contiguous(), "num_frames": F, "height": H, "width": W, "fps": args.fps},
+                         stem + ".video_latents.pt")
         with open(stem + ".json", "w") as f:
             json.dump(dict(settings, prompt=prompt, seed=seed, duration_s=wav.shape[-1] / codec.output_rate,
                            video_latents=stem + ".video_latents.pt"), f, indent=2, default=str)
