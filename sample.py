@@ -672,6 +672,8 @@ def load_pipeline(args, device, dtype):
             try:
                 connector = text.load_text_connector(path, register_layout=cfg.register_layout, device=device)
                 break
+            except files.BadFile:  # damaged or NaN: never fall back to another connector
+                raise
             except (KeyError, ValueError):
                 continue
     if connector is None and not args.full_ckpt:  # a frozen connector: built as train.py built it
@@ -713,6 +715,8 @@ def load_pipeline_av(args, device, dtype):
                     connectors.append(text.load_text_connector(path, register_layout=cfg.register_layout,
                                                                device=device, stream=stream).eval())
                     break
+                except files.BadFile:  # damaged or NaN: never fall back to another connector
+                    raise
                 except (KeyError, ValueError):
                     continue
         else:

@@ -215,9 +215,10 @@ def make_artefacts(d):
                extra=text.connector_checkpoint_tensors(connector))
     raw = (d / "dit.safetensors").read_bytes()
     header, _, start = files.read_header(d / "dit.safetensors")
-    first = min((k for k in header if header[k]["dtype"] == "F32"), key=lambda k: header[k]["data_offsets"][0])
-    at = start + header[first]["data_offsets"][0]
-    (d / "nan_dit.safetensors").write_bytes(raw[:at] + struct.pack("<f", float("nan")) + raw[at + 4:])  # same size
+    for name, part in (("nan_dit", "audio_attn1"), ("nan_connector", "embeddings_connector")):
+        key = next(k for k in header if part in k and header[k]["dtype"] == "F32")
+        at = start + header[key]["data_offsets"][0]
+        (d / f"{name}.safetensors").write_bytes(raw[:at] + struct.pack("<f", float("nan")) + raw[at + 4:])  # same size
     (d / "truncated_dit.safetensors").write_bytes(raw[: len(raw) // 2])
     (d / "text_dit.safetensors").write_text("model weights: see the README\n" * 50)
 
@@ -260,6 +261,8 @@ ARTEFACT_CASES = {  # case -> (entry point, argv with {d} for the artefact dir, 
                    1, "list.yaml: not a torch file"),
     "ckpt_nan_sample": (sample.main, ["--ckpt", "{d}/nan_dit.safetensors", "--prompt", "hi"],
                         1, "nan_dit.safetensors: tensor"),
+    "ckpt_nan_connector": (sample.main, ["--ckpt", "{d}/nan_connector.safetensors", "--prompt", "hi"],
+                           1, "nan_connector.safetensors: tensor 'model.diffusion_model.audio_embeddings_connector."),
     "ckpt_truncated_sample": (sample.main, ["--ckpt", "{d}/truncated_dit.safetensors", "--prompt", "hi"],
                               1, "truncated_dit.safetensors: truncated"),
     "ckpt_nan_merge": (merge.main, ["--ckpt", "{d}/nan_dit.safetensors", "--lora", "{d}/lora.safetensors",
