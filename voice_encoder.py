@@ -28,7 +28,7 @@ be many times this file for a step that only decides which silences to drop. Wha
 measured in tests/test_voice_encoder.py: the smoothing and widening equal the package's for the
 same flags; with webrtcvad's decision replaced by ours, eSpeak speech with gaps of near-silence
 or noise embeds within a cosine of 0.998 of the package's embedding (keeping the gaps,
-`trim=False`: 0.91-0.99); over a wider sweep (eight voices; gaps down to -40 dB, noise, cut
+`trim=False`: 0.91-0.99); over a wider sweep (twelve voices; gaps down to -40 dB, noise, cut
 clips) the mean stayed >= 0.993 and the worst clip at 0.96. Speech without long silences is
 left as it is.
 """
