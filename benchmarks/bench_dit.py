@@ -1,17 +1,18 @@
 """Forward+backward of our AudioDiT vs ltx-core 1.0.0's audio-only LTXModel, same weights, same inputs.
 
     python benchmarks/bench_dit.py                        # D=512 (8x64), 8 layers, T=250, B=4, L=128
-    python benchmarks/bench_dit.py --steps=3 --layers=4   # quicker
+    python benchmarks/bench_dit.py --steps=5 --layers=4   # quicker
 
-Prints per-step time (median of interleaved runs, so CPU contention hits both alike), the ratio
-ours/reference, memory (bytes of tensors saved for backward, deduplicated by storage; and the peak
-RSS growth of one step in a fresh subprocess per model, glibc set to unmap freed blocks), and the
-achieved FLOP/s (FlopCounterMode count of one step) against this machine's measured fp32 matmul peak.
+Times both models alternately in one process (timing.py: a round runs each once, the order flips
+every round), and reports the median of the per-round ratios ours/reference with its spread, each
+model's median step time, and the load average before and after. Memory, measured after the timing:
+bytes of tensors saved for backward (deduplicated by storage, in this process: exact, not RSS) and
+the peak RSS growth of one step in a fresh subprocess per model (peak_rss.py). Also the achieved
+FLOP/s (FlopCounterMode count of one step) against this machine's measured fp32 matmul peak.
 """
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as M  # noqa: E402
 import peak_rss  # noqa: E402
+import timing  # noqa: E402
 
 
 def build(args):
@@ -105,7 +107,7 @@ def matmul_peak(n=2048, seconds=2.0):
 def rss_child(args, which):
     """Peak RSS growth (bytes) of one step of `which`, measured in a fresh interpreter."""
     return peak_rss.rss_child(__file__, which, [f"--{k}={getattr(args, k)}" for k in
-                                                ("layers", "dim", "tokens", "batch", "context")])
+                                                ("layers", "dim", "tokens", "batch", "context", "threads")])
 
 
 def main():
@@ -115,9 +117,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=250)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds (each runs both models once)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rss-of", default="")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     cfg, ours, ref, inputs = build(args)
     if args.rss_of:  # child: one warm step, then reset the RSS high-water mark and measure a second
@@ -130,27 +134,23 @@ def main():
 
     steps = {w: step_fn(w, ours, ref, inputs) for w in ("ours", "ref")}
     print(f"config: D={cfg.dim} ({cfg.heads}x{cfg.head_dim}) layers={cfg.num_layers} B={args.batch} "
-          f"T={args.tokens} L={args.context}, fp32, torch {torch.__version__}, threads={torch.get_num_threads()}")
+          f"T={args.tokens} L={args.context}, fp32, torch {torch.__version__}, threads={args.threads}")
     with FlopCounterMode(display=False) as fc:
         steps["ours"]()
     flops = fc.get_total_flops()
-    for s in steps.values():  # warm-up
-        s()
-    times = {"ours": [], "ref": []}
-    for _ in range(args.steps):  # interleaved so that load from other processes hits both alike
-        for w, s in steps.items():
-            t0 = time.perf_counter()
-            s()
-            times[w].append(time.perf_counter() - t0)
-    peak = matmul_peak()
-    med = {w: statistics.median(t) for w, t in times.items()}
+    load0, t_start = timing.load(), time.perf_counter()
+    times = timing.paired_times(steps, args.steps)
+    load1 = timing.load()
+    per_round = timing.ratios(times["ours"], times["ref"])
+    print(timing.describe("ratio ours/ref per round", per_round) + "; rounds: " + " ".join(f"{r:.3f}" for r in per_round))
+    print(timing.load_line(load0, load1, args.threads) + f"; timing wall {time.perf_counter() - t_start:.0f} s")
+    med = {w: timing.spread(t)[0] for w, t in times.items()}
     for w in ("ours", "ref"):
-        spread = max(times[w]) - min(times[w])
-        print(f"{w:5s}: {med[w] * 1e3:8.1f} ms/step (median of {args.steps}, spread {spread * 1e3:.1f} ms)  "
-              f"saved-for-backward {saved_bytes(steps[w]) / 2**20:7.1f} MiB  "
-              f"peak RSS growth {rss_child(args, w) / 2**20:7.1f} MiB  "
-              f"{flops / med[w] / 1e9:6.1f} GFLOP/s")
-    print(f"ratio ours/ref: {med['ours'] / med['ref']:.3f}")
+        print(f"{w:5s}: " + timing.describe("ms/step", times[w], scale=1e3, fmt=".1f")
+              + f"  saved-for-backward {saved_bytes(steps[w]) / 2**20:.1f} MiB"
+              + f"  peak RSS growth {rss_child(args, w) / 2**20:.1f} MiB (fresh process)"
+              + f"  {flops / med[w] / 1e9:.1f} GFLOP/s")
+    peak = matmul_peak()
     print(f"FLOPs per step: {flops / 1e9:.1f} GFLOP; matmul peak {peak / 1e9:.1f} GFLOP/s; "
           f"ours at {100 * flops / med['ours'] / peak:.0f}% of peak")
 

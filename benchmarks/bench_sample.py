@@ -1,7 +1,7 @@
 """Sampling speed on CPU for the tiny preset, and one model forward per step whatever the guidance.
 
     python benchmarks/bench_sample.py            # tiny DiT, mel codec, 4 s clips, 16 steps, batch 1 and 8
-    python benchmarks/bench_sample.py --quick    # 4 steps
+    python benchmarks/bench_sample.py --quick    # 4 steps, 2 rounds
 
 Calls sample.sample() (byte text encoder, tiny text connector, mel codec with the tiny pipeline's
 16 Griffin-Lim iterations, SpeakerAdaLNZero on mel_stats features of a 3 s synthetic reference,
@@ -15,6 +15,9 @@ starts: forwards/step = calls / steps (must be 1: every pass in one batched forw
 median interval between consecutive forward starts (forward + guidance + Euler update). RTF = wall
 seconds of the whole sample() call (text, speaker deltas, denoising, Griffin-Lim decode) / seconds
 of audio it returns (batch × duration); below 1 is faster than real time.
+Each batch size runs every guidance setting once per round, the order flipping every round
+(timing.py); "vs cond" is the median of per-round ratios to the cond run of the same round, with
+its spread; the load average before and after says whether the machine was shared.
 """
 
 import argparse
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codec as codec_lib  # noqa: E402
 import model as model_lib  # noqa: E402
 import sample as sample_lib  # noqa: E402
+import timing  # noqa: E402
 import speaker as speaker_lib  # noqa: E402
 import text as text_lib  # noqa: E402
 from adaln import SpeakerAdaLNZero  # noqa: E402
@@ -92,37 +96,43 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=3, help="sample() calls per guidance setting and batch size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    steps = 4 if args.quick else args.steps
+    steps, rounds = (4, 2) if args.quick else (args.steps, args.rounds)
     stack = build()
     probe = ForwardProbe(stack[0])
-    load0 = os.getloadavg()
-    t_start = time.perf_counter()
     print(f"config: tiny DiT ({sum(p.numel() for p in stack[0].parameters()):,} params, fp32), mel codec "
           f"(Griffin-Lim 16 iters), {args.seconds:g} s clips ({sample_lib.n_latent_tokens(args.seconds)} tokens), "
-          f"{steps} Euler steps, ref_mode adaln; torch {torch.__version__}, torch.set_num_threads({args.threads}); "
-          f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    run(stack, probe, 1, 2, args.seconds, GUIDANCE["cfg+stg+spk"])  # warm-up
+          f"{steps} Euler steps, ref_mode adaln, {rounds} paired rounds; torch {torch.__version__}, "
+          f"torch.set_num_threads({args.threads})")
+    load0, t_start = timing.load(), time.perf_counter()
     print(f"\n{'B':>2s} {'guidance':12s} {'passes':>6s} {'fwd/step':>8s} {'fwd batch':>9s} {'s/step':>8s} "
-          f"{'vs cond':>7s} {'wall s':>7s} {'audio s':>7s} {'RTF':>6s}")
+          f"{'wall s':>7s} {'audio s':>7s} {'RTF':>6s}  s/step vs cond (paired)")
     bad = []
     for B in [int(b) for b in args.batches.split(",")]:
-        ref_step = None
+        results = {name: [] for name in GUIDANCE}
+
+        def runner(name, B=B, results=results):
+            return lambda: results[name].append(run(stack, probe, B, steps, args.seconds, GUIDANCE[name]))
+        timing.paired_times({name: runner(name) for name in GUIDANCE}, rounds)
+        cond = [r[4] for r in results["cond"][1:]]  # [1:]: the warm-up call
         for name, g in GUIDANCE.items():
-            wall, audio, calls, batches, step_s = run(stack, probe, B, steps, args.seconds, g)
+            runs = results[name][1:]
             passes = len(sample_lib._guidance_passes(g["cfg"], g["stg"], g["spk_cfg"], True))
-            ref_step = step_s if name == "cond" else ref_step
-            per_step = calls / steps
-            if per_step != 1 or batches != [passes * B]:
-                bad.append(f"B={B} {name}: {calls} forwards for {steps} steps, batches {batches}")
-            print(f"{B:2d} {name:12s} {passes:6d} {per_step:8.2f} {','.join(map(str, batches)):>9s} {step_s:8.3f} "
-                  f"{step_s / ref_step:7.2f} {wall:7.1f} {audio:7.1f} {wall / audio:6.3f}")
-    load1 = os.getloadavg()
+            for wall, audio, calls, batches, step_s in runs:
+                if calls != steps or batches != [passes * B]:
+                    bad.append(f"B={B} {name}: {calls} forwards for {steps} steps, batches {batches}")
+            wall = timing.spread([r[0] for r in runs])[0]
+            step_s = timing.spread([r[4] for r in runs])[0]
+            vs = timing.describe("", timing.ratios([r[4] for r in runs], cond), fmt=".2f")[2:]
+            print(f"{B:2d} {name:12s} {passes:6d} {runs[0][2] / steps:8.2f} {','.join(map(str, runs[0][3])):>9s} "
+                  f"{step_s:8.3f} {wall:7.1f} {runs[0][1]:7.1f} {wall / runs[0][1]:6.3f}  {vs}")
+    load1 = timing.load()
     print("\none forward per step regardless of guidance terms: " + ("yes" if not bad else "NO: " + "; ".join(bad)))
-    print(f"wall {time.perf_counter() - t_start:.0f} s; load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(timing.load_line(load0, load1, args.threads) + f"; wall {time.perf_counter() - t_start:.0f} s")
     if bad:
         sys.exit(1)
 

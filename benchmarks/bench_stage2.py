@@ -19,15 +19,16 @@ losses.sample_sigma at this token count, and amortised = off + q·(fire − off)
 The aux pieces are timed alone, forward+backward on one clip of the same length: codec decode to
 16 kHz (mel pseudo-inverse + Griffin-Lim, differentiable), DNSMOS OVR, speaker embedding (mel_stats).
 
-Times: median of interleaved steps after a warm-up. Memory: peak RSS growth (VmHWM − VmRSS after
-/proc/self/clear_refs) of one warm step in a fresh subprocess per variant, glibc set to unmap
-freed blocks.
+Times: both variants once per round, the order flipping every round (timing.py); the fire ratio
+is the median of per-round ratios, with its spread and the load average before and after. The
+pieces run the same way among themselves. Memory: peak RSS growth (VmHWM − VmRSS after
+/proc/self/clear_refs) of one warm step in a fresh subprocess per variant (peak_rss.py), glibc set
+to unmap freed blocks.
 """
 
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import peak_rss  # noqa: E402
+import timing  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
@@ -81,8 +83,9 @@ class Bench:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def pieces(self, reps):
-        """Median seconds of forward+backward of each aux piece on one clip of the batch's length."""
+    def pieces(self, rounds):
+        """{piece: [seconds per round]} of forward+backward of each aux piece on one clip of the
+        batch's length, the pieces alternating (timing.paired_times)."""
         T = self.batch["x0"].shape[1]
         x0_hat = torch.randn(1, T, self.batch["x0"].shape[2]).requires_grad_(True)
         mask_batch = {"loss_mask": torch.ones(1, T, dtype=torch.bool)}
@@ -98,7 +101,7 @@ class Bench:
 
         def dnsmos():
             wav = clip.clone().requires_grad_(True)
-            (-self.aux.dnsmos(wav)["ovr"].mean()).backward()
+            (-self.aux.dnsmos(wav, max_windows=1)["ovr"].mean()).backward()  # as AuxLosses scores it
 
         def speaker():
             wav = clip.clone().requires_grad_(True)
@@ -106,25 +109,7 @@ class Bench:
 
         fns = {"codec decode fwd+bwd (GL)": decode, "codec decode fwd only": decode_nograd,
                "DNSMOS OVR fwd+bwd": dnsmos, "speaker embed fwd+bwd": speaker}
-        out = {}
-        for name, fn in fns.items():
-            fn()  # warm-up
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            out[name] = statistics.median(ts)
-        return out, clip.shape[0] / 16000, dnsmos_windows(clip.shape[0])
-
-
-def dnsmos_windows(n):
-    """9.01 s windows DNSMOS scores for a clip of n samples (short clips are doubled until long enough)."""
-    import dnsmos as dnsmos_lib
-
-    while n < dnsmos_lib.WINDOW:
-        n *= 2
-    return len(dnsmos_lib.window_starts(n))
+        return timing.paired_times(fns, rounds), clip.shape[0] / 16000
 
 
 def gate_fraction(cfg, B, T, draws=200_000):
@@ -157,50 +142,43 @@ def main():
 
     cfg = bench.cfg
     steps = 2 if args.quick else args.steps
-    load0 = os.getloadavg()
-    t_start = time.perf_counter()
     n_adaln = sum(p.numel() for p in bench.params)
     print(f"config: tiny DiT (frozen, {cfg.param_dtype} params, {cfg.dtype} autocast), AdaLN {n_adaln:,} fp32 params "
           f"on {cfg.speaker_extractors} ({bench.aux.speaker.dim}-d); B={args.batch} T={args.tokens} "
           f"({args.tokens / 25:.1f} s) text={cfg.max_text_len}; aux {cfg.aux_losses}, aux_clips={cfg.aux_clips}, "
           f"aux_sigma_max={cfg.aux_sigma_max}, codec {cfg.codec} (Griffin-Lim {cfg.griffin_lim_iters} iters); "
-          f"torch {torch.__version__}, torch.set_num_threads({args.threads}); "
-          f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    for v in VARIANTS:
-        bench.step(v)
-    bench.fired.clear()
-    times = {v: [] for v in VARIANTS}
-    for _ in range(steps):
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            bench.step(v)
-            times[v].append(time.perf_counter() - t0)
+          f"torch {torch.__version__}, torch.set_num_threads({args.threads})")
+    load0, t_start = timing.load(), time.perf_counter()
+    times = timing.paired_times({v: (lambda v=v: bench.step(v)) for v in VARIANTS}, steps)
     assert all(bench.fired), "the aux_fire variant decoded no clip: the benchmark measured nothing"
-    med = {v: statistics.median(t) for v, t in times.items()}
-    pieces, clip_s, windows = bench.pieces(reps=1 if args.quick else 2)
+    rounds = 2 if args.quick else 3
+    pieces, clip_s = bench.pieces(rounds)
+    load1 = timing.load()
+    wall = time.perf_counter() - t_start
     rss = {v: None for v in VARIANTS} if args.quick else {v: rss_child(args, v) for v in VARIANTS}
     p, q = gate_fraction(cfg, args.batch, args.tokens)
     p_tiny, q_tiny = gate_fraction(dataclasses.replace(cfg, aux_sigma_max=0.01), args.batch, args.tokens)
-    load1 = os.getloadavg()
 
-    print(f"\n{'variant':10s} {'ms/step':>9s} {'spread':>8s} {'peak RSS growth':>16s}")
+    print(f"\n{'variant':10s} {'peak RSS growth':>16s}  step time")
     for v in VARIANTS:
         mem = "-" if rss[v] is None else f"{rss[v] / 2**20:.1f} MiB"
-        print(f"{v:10s} {med[v] * 1e3:9.1f} {(max(times[v]) - min(times[v])) * 1e3:8.1f} {mem:>16s}")
-    fire = med["aux_fire"] / med["aux_off"]
+        print(f"{v:10s} {mem:>16s}  " + timing.describe("ms", times[v], scale=1e3, fmt=".1f"))
+    per_round = timing.ratios(times["aux_fire"], times["aux_off"])
+    fire = timing.spread(per_round)[0]
     amort = 1 + q * (fire - 1)
-    print(f"\nratio per step when an aux clip fires: {fire:.2f}x (target <= 1.5x)")
+    print("\n" + timing.describe("ratio per step when an aux clip fires (target <= 1.5)", per_round))
     print(f"gate: P(σ < {cfg.aux_sigma_max}) = {p:.3f} per item at {args.tokens} tokens -> a micro-batch of "
           f"{args.batch} fires with q = {q:.3f}; amortised ratio = 1 + q·(fire − 1) = {amort:.2f}x")
     print(f"(tiny pipeline's aux_sigma_max = 0.01: p = {p_tiny:.4f}, q = {q_tiny:.4f}, amortised "
           f"{1 + q_tiny * (fire - 1):.2f}x)")
-    aux_extra = med["aux_fire"] - med["aux_off"]
-    print(f"\naux pieces, one {clip_s:.2f} s clip at 16 kHz (median of {1 if args.quick else 2}; DNSMOS repeats it "
-          f"to >= 9.01 s and scores {windows} window(s) of 9.01 s, as speechmos does):")
+    aux_extra = timing.spread(times["aux_fire"])[0] - timing.spread(times["aux_off"])[0]
+    print(f"\naux pieces, one {clip_s:.2f} s clip at 16 kHz (DNSMOS repeats it to >= 9.01 s and scores one "
+          f"9.01 s window, as AuxLosses does); share of the extra {aux_extra * 1e3:.0f} ms/step:")
     for name, t in pieces.items():
-        print(f"  {name:28s} {t * 1e3:9.1f} ms  ({100 * t / aux_extra:5.1f}% of the extra {aux_extra * 1e3:.0f} ms/step)")
-    print(f"median of {steps} interleaved steps after 1 warm-up each; wall {time.perf_counter() - t_start:.0f} s; "
-          f"load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+        share = 100 * timing.spread(t)[0] / aux_extra
+        print(f"  {name:28s} " + timing.describe("ms", t, scale=1e3, fmt=".1f") + f"  {share:.1f}%")
+    print(timing.load_line(load0, load1, args.threads) + f"; {steps} paired rounds after 1 warm-up each, "
+          f"timing wall {wall:.0f} s")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ we do not have), so its pieces are timed one by one at the official sizes, with 
 AuxLosses decodes and scores `aux_clips` = 1 clip per micro-batch, so one firing micro-batch costs
   fire = (48·block + decode + dnsmos + wavlm_sv) / (48·block)
 and with the σ gate a fraction q of micro-batches fires: amortised = 1 + q·(fire − 1).
+All pieces run once per round, the order flipping every round (timing.py), and `fire` is computed
+per round from that round's pieces: the median and spread of those per-round ratios are reported
+with the load average before and after.
 These are CPU ratios: on a GPU the DiT's matmuls run closer to peak than the codec's convolutions,
 so the GPU ratio is expected higher than this projection; measure there before trusting it.
 """
@@ -27,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -41,6 +43,9 @@ import dnsmos as dnsmos_lib  # noqa: E402
 import losses  # noqa: E402
 import model as model_lib  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
 # LTX-2.3 vocoder sizes (tests/data/ltx23/README.md): 16 kHz BigVGAN with AMP blocks and SnakeBeta, then BWE to 48 kHz
 _AMP = {"resblock": "AMP1", "stereo": True, "activation": "snakebeta", "resblock_kernel_sizes": [3, 7, 11],
         "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]]}
@@ -49,17 +54,6 @@ VOCODER_23 = {"vocoder": {**_AMP, "upsample_initial_channel": 1536, "upsample_ra
               "bwe": {**_AMP, "upsample_initial_channel": 512, "upsample_rates": [6, 5, 2, 2, 2],
                       "upsample_kernel_sizes": [12, 11, 4, 4, 4], "input_sampling_rate": 16000,
                       "output_sampling_rate": 48000, "n_fft": 512, "hop_length": 80, "num_mels": 64}}
-
-
-def timed(fn, reps):
-    """Median seconds of `reps` calls after one warm-up."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def dit_block(B, T, text_len=128):
@@ -82,21 +76,25 @@ def dit_block(B, T, text_len=128):
     return step, sum(p.numel() for p in dit.transformer_blocks.parameters())
 
 
-def decode(T):
+def decoders(lengths):
+    """({T: forward + backward closure of decode_16k on T tokens}, params used by decode_16k)."""
     with open(os.path.join(ROOT, "tests", "data", "ltx23", "audio_vae_config.json")) as f:
         vae = json.load(f)["audio_vae"]
     torch.manual_seed(0)
     codec = codec_lib.LTXAudioCodec({"audio_vae": vae, "vocoder": VOCODER_23}).eval().requires_grad_(False)
     codec.grad_checkpointing = True
-    latent = torch.randn(1, T, codec.latent_dim, requires_grad=True)
 
-    def step():
-        codec.decode_16k(latent).mean(1).square().mean().backward()
-        latent.grad = None
+    def closure(T):
+        latent = torch.randn(1, T, codec.latent_dim, requires_grad=True)
+
+        def step():
+            codec.decode_16k(latent).mean(1).square().mean().backward()
+            latent.grad = None
+        return step
 
     n_params = sum(p.numel() for n, p in codec.named_parameters() if not n.startswith(("audio_vae.encoder",
                                                                                      "vocoder.bwe")))
-    return step, n_params
+    return {T: closure(T) for T in lengths}, n_params
 
 
 def dnsmos_window():
@@ -110,18 +108,22 @@ def dnsmos_window():
     return step
 
 
-def wavlm_sv(seconds):
+def wavlm_sv(lengths):
+    """({T: forward + backward closure of WavLM-SV on T tokens' worth of 16 kHz audio}, params)."""
     from transformers import WavLMConfig, WavLMForXVector
 
     torch.manual_seed(0)
     model = WavLMForXVector(WavLMConfig()).eval().requires_grad_(False)
-    wav = (0.1 * torch.randn(1, int(seconds * 16000))).requires_grad_(True)
 
-    def step():
-        model(wav).embeddings.square().sum().backward()
-        wav.grad = None
+    def closure(T):
+        wav = (0.1 * torch.randn(1, T * 16000 // 25)).requires_grad_(True)
 
-    return step, sum(p.numel() for p in model.parameters())
+        def step():
+            model(wav).embeddings.square().sum().backward()
+            wav.grad = None
+        return step
+
+    return {T: closure(T) for T in lengths}, sum(p.numel() for p in model.parameters())
 
 
 def main():
@@ -134,39 +136,40 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    reps = 1 if args.quick else 3
-    load0, t_start = os.getloadavg(), time.perf_counter()
+    rounds = 2 if args.quick else 4
     seconds = args.tokens / 25
-
-    crop_tokens = round(args.crop_seconds * 25)
+    lengths = {"whole": args.tokens, "crop": round(args.crop_seconds * 25)}
     block_step, block_params = dit_block(args.batch, args.tokens)
-    t_block = timed(block_step, reps)
-    t_dnsmos = timed(dnsmos_window(), reps)
-    t_decode, t_wavlm = {}, {}
-    for name, T in (("whole", args.tokens), ("crop", crop_tokens)):
-        decode_step, decode_params = decode(T)
-        t_decode[name] = timed(decode_step, reps)
-        wavlm_step, wavlm_params = wavlm_sv(T / 25)
-        t_wavlm[name] = timed(wavlm_step, reps)
+    decode_steps, decode_params = decoders(lengths.values())
+    wavlm_steps, wavlm_params = wavlm_sv(lengths.values())
+    pieces = {"block": block_step, "dnsmos": dnsmos_window()}
+    for k, T in lengths.items():
+        pieces[f"decode_{k}"], pieces[f"wavlm_{k}"] = decode_steps[T], wavlm_steps[T]
+    load0, t_start = timing.load(), time.perf_counter()
+    times = timing.paired_times(pieces, rounds)
+    load1 = timing.load()
 
     layers = model_lib.PRESETS["ltx23_audio"].num_layers
-    t_dit = layers * t_block
-    fire = {k: (t_dit + t_decode[k] + t_dnsmos + t_wavlm[k]) / t_dit for k in t_decode}
+    fire = {k: [(layers * b + d + n + w) / (layers * b) for b, d, n, w in
+                zip(times["block"], times[f"decode_{k}"], times["dnsmos"], times[f"wavlm_{k}"])] for k in lengths}
     sigma = losses.sample_sigma(200_000, args.tokens, generator=torch.Generator().manual_seed(0))
     p = (sigma < args.aux_sigma_max).float().mean().item()
     q = 1 - (1 - p) ** args.batch
-    load1 = os.getloadavg()
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32; load average {load0[0]:.2f} -> {load1[0]:.2f}; "
-          f"B={args.batch} x {args.tokens} tokens ({seconds:.0f} s clips)")
-    print(f"  dit block fwd+bwd  {t_block:8.2f} s  ({block_params / 1e6:.1f} M params) x {layers} = {t_dit:.1f} s")
-    print(f"  dnsmos window f+b  {t_dnsmos:8.2f} s")
+    t_block = timing.spread(times["block"])[0]
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32; B={args.batch} x {args.tokens} tokens "
+          f"({seconds:.0f} s clips); {rounds} rounds after 1 warm-up each")
+    print(f"  dit block fwd+bwd ({block_params / 1e6:.1f} M params, x {layers} = {layers * t_block:.1f} s): "
+          + timing.describe("s", times["block"], fmt=".2f"))
+    print("  dnsmos window f+b: " + timing.describe("s", times["dnsmos"], fmt=".2f"))
     print(f"gate σ < {args.aux_sigma_max}: p = {p:.3f} per item, q = {q:.3f} per micro-batch of {args.batch}")
-    for k, T in (("whole", args.tokens), ("crop", crop_tokens)):
-        print(f"{k} ({T / 25:.0f} s decoded): decode_16k f+b {t_decode[k]:6.2f} s ({decode_params / 1e6:.1f} M params: "
-              f"VAE decoder + 16 kHz vocoder, checkpointed), wavlm_sv f+b {t_wavlm[k]:5.2f} s "
-              f"({wavlm_params / 1e6:.1f} M params) -> projected ratio per firing micro-batch {fire[k]:.3f}x, "
-              f"amortised {1 + q * (fire[k] - 1):.3f}x (target <= 1.5x)")
-    print(f"wall {time.perf_counter() - t_start:.0f} s")
+    for k, T in lengths.items():
+        med = timing.spread(fire[k])[0]
+        print(f"{k} ({T / 25:.0f} s decoded): decode_16k f+b ({decode_params / 1e6:.1f} M params: VAE decoder + "
+              f"16 kHz vocoder, checkpointed) " + timing.describe("s", times[f"decode_{k}"], fmt=".2f"))
+        print(f"    wavlm_sv f+b ({wavlm_params / 1e6:.1f} M params) " + timing.describe("s", times[f"wavlm_{k}"], fmt=".2f"))
+        print("    " + timing.describe("projected ratio per firing micro-batch", fire[k])
+              + f"; amortised {1 + q * (med - 1):.3f}x (target <= 1.5x)")
+    print(timing.load_line(load0, load1, args.threads) + f"; wall {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

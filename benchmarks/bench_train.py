@@ -14,15 +14,15 @@ adapter. The frozen base has nothing to differentiate, so its backward is taken 
 latents (x0 requires grad): activation gradients through every block, no weight gradients; the
 LoRA model's backward computes those activation gradients plus the LoRA A/B gradients.
 
-Times: median of interleaved steps after a warm-up, so load from other processes hits every variant
-alike. Memory: peak RSS growth (VmHWM − VmRSS, reset through /proc/self/clear_refs) of one warm
-step, each variant in a fresh subprocess with glibc set to unmap freed blocks; plus exact bytes of
-the optimizer-side tensors (masters, Adam moments).
+Times: every variant once per round, the order flipping every round (timing.py); each ratio is
+the median of per-round ratios, with its spread and the load average before and after. Memory:
+peak RSS growth (VmHWM − VmRSS, reset through /proc/self/clear_refs) of one warm step, each variant
+in a fresh subprocess with glibc set to unmap freed blocks (peak_rss.py); plus exact bytes of the
+optimizer-side tensors (masters, Adam moments).
 """
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import peak_rss  # noqa: E402
+import timing  # noqa: E402
 import lora  # noqa: E402
 import model as model_lib  # noqa: E402
 import text as text_lib  # noqa: E402
@@ -160,46 +161,37 @@ def main():
     steps = 3 if args.quick else args.steps
     n_lora = sum(p.numel() for p in bench.params)
     n_base = sum(p.numel() for p in bench.base_parts["dit"].parameters())
-    load0 = os.getloadavg()
-    t_start = time.perf_counter()
     print(f"config: D={args.dim} ({args.dim // 64}x64) layers={args.layers} B={args.batch} T={args.tokens} "
           f"text={args.text_len}; LoRA r={args.rank} alpha={args.rank} on {bench.cfg.lora_targets} = {n_lora:,} "
           f"params (base DiT {n_base:,}); params bf16, bf16 autocast; torch {torch.__version__}, "
-          f"torch.set_num_threads({args.threads}); load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+          f"torch.set_num_threads({args.threads})")
     for v in VARIANTS:  # warm-up (also creates the Adam state)
         bench.step(v)
     bench.copy_s.clear()
     for v in bench.opt_s:
         bench.opt_s[v].clear()
-    times = {v: [] for v in VARIANTS}
-    for _ in range(steps):
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            bench.step(v)
-            times[v].append(time.perf_counter() - t0)
-    med = {v: statistics.median(t) for v, t in times.items()}
+    load0, t_start = timing.load(), time.perf_counter()
+    times = timing.paired_times({v: (lambda v=v: bench.step(v)) for v in VARIANTS}, steps, warmup=0)
+    load1 = timing.load()
+    wall = time.perf_counter() - t_start
     rss = {v: None for v in VARIANTS} if args.quick else {v: rss_child(args, v) for v in VARIANTS}
-    load1 = os.getloadavg()
 
-    print(f"\n{'variant':14s} {'ms/step':>9s} {'spread':>8s} {'peak RSS growth':>16s} {'optimizer-side':>15s}")
+    print(f"\n{'variant':14s} {'peak RSS growth':>16s} {'optimizer-side':>15s}  step time")
     for v in VARIANTS:
         mem = "-" if rss[v] is None else f"{rss[v] / 2**20:.1f} MiB"
         opt = f"{bench.optimizer_bytes(v) / 2**20:.1f} MiB" if v in bench.opt else "-"
-        print(f"{v:14s} {med[v] * 1e3:9.1f} {(max(times[v]) - min(times[v])) * 1e3:8.1f} {mem:>16s} {opt:>15s}")
-    copy = statistics.median(bench.copy_s)
-
-    def paired(a, b):  # median over rounds of the per-round ratio: a round's load hits both alike
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
-    print(f"\n(a) fp32 masters / bf16 AdamW step time: {med['fp32_masters'] / med['bf16_adamw']:.3f} "
-          f"(paired per round {paired('fp32_masters', 'bf16_adamw'):.3f}; target <= 1.05); of which grads_to_masters + masters_to_params: {copy * 1e3:.1f} ms "
-          f"= {100 * copy / med['bf16_adamw']:.1f}% of a step; clip + AdamW step: "
-          f"{statistics.median(bench.opt_s['fp32_masters']) * 1e3:.1f} ms on fp32 masters vs "
-          f"{statistics.median(bench.opt_s['bf16_adamw']) * 1e3:.1f} ms on bf16 params")
-    print(f"(b) LoRA fwd+bwd / frozen base fwd+bwd (to the input): {med['lora_fwd_bwd'] / med['base_fwd_bwd']:.3f} "
-          f"(paired per round {paired('lora_fwd_bwd', 'base_fwd_bwd'):.3f})")
-    print(f"median of {steps} interleaved steps after 1 warm-up each; wall {time.perf_counter() - t_start:.0f} s; "
-          f"load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"
-          + ("" if rss["bf16_adamw"] is None else "; RSS: one warm step per variant in a fresh subprocess"))
+        print(f"{v:14s} {mem:>16s} {opt:>15s}  " + timing.describe("ms", times[v], scale=1e3, fmt=".1f"))
+    bf16 = timing.spread(times["bf16_adamw"])[0]
+    copy = timing.spread(bench.copy_s)[0]
+    print("\n(a) " + timing.describe("fp32 masters / bf16 AdamW step time (target <= 1.05)",
+                                     timing.ratios(times["fp32_masters"], times["bf16_adamw"])))
+    print(f"    of which grads_to_masters + masters_to_params: {copy * 1e3:.1f} ms = {100 * copy / bf16:.1f}% of a "
+          f"step; clip + AdamW step: {timing.spread(bench.opt_s['fp32_masters'])[0] * 1e3:.1f} ms on fp32 masters "
+          f"vs {timing.spread(bench.opt_s['bf16_adamw'])[0] * 1e3:.1f} ms on bf16 params")
+    print("(b) " + timing.describe("LoRA fwd+bwd / frozen base fwd+bwd (to the input)",
+                                   timing.ratios(times["lora_fwd_bwd"], times["base_fwd_bwd"])))
+    print(timing.load_line(load0, load1, args.threads) + f"; {steps} paired rounds after 1 warm-up each, "
+          f"timing wall {wall:.0f} s" + ("" if args.quick else "; RSS: one warm step per variant in a fresh subprocess"))
 
 
 if __name__ == "__main__":
