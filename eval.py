@@ -441,7 +441,7 @@ def png_bytes(pixels, palette=None):
     color = 2 if palette is None else 3
     plte = b"" if palette is None else chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)) + plte
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))  # 9: 4% smaller, 9x slower
 
 
 # 16 colours over 80 dB (5 dB steps): side by side with 256 the harmonics look the same, and the
