@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+import adaln as adaln_lib
+import model as model_lib
 import pipeline
+import train
+from config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = str(ROOT / "configs" / "micro.yaml")
@@ -48,21 +52,49 @@ def test_stage_outputs_chain(run):
         assert set(base.keys()) == set(merged.keys())
         changed = {k for k in base.keys() if not base.get_tensor(k).equal(merged.get_tensor(k))}
     assert changed and all("audio_attn1" in k or "audio_ff" in k for k in changed), sorted(changed)[:5]
+    # speaker-aware stage 1 (lora_speaker): its SpeakerAdaLNZero is where stage 2 starts
+    assert lora_cfg["lora_speaker"] and adaln_cfg["adaln_init"] == str(runs / "smoke_lora" / "adaln.safetensors")
+    stage1, _ = adaln_lib.read_adaln_file(runs / "smoke_lora" / "adaln.safetensors")
+    stage2, _ = adaln_lib.read_adaln_file(runs / "smoke_adaln" / "adaln.safetensors")
+    assert stage1.keys() == stage2.keys() and any(stage1[k].abs().sum() > 0 for k in stage1 if k.startswith("heads."))
+
+
+def test_stage2_starts_from_the_stage1_adaln(run):
+    """train.speaker_adaln loads adaln_init exactly, and refuses one of another width naming the file."""
+    tmp, _ = run
+    runs = tmp / "runs"
+    cfg = load_config([MICRO, "--stage=adaln", f"--adaln_init={runs / 'smoke_lora' / 'adaln.safetensors'}"])
+    dit = model_lib.load_dit(str(runs / "smoke" / "merged.safetensors"))
+    stage1, _ = adaln_lib.read_adaln_file(cfg.adaln_init)
+    net = train.speaker_adaln(cfg, dit, stage1["mlp.0.weight"].shape[1])
+    for k, v in net.state_dict().items():
+        assert v.equal(stage1[k]), k
+    wide = load_config([MICRO, "--stage=adaln", f"--adaln_init={cfg.adaln_init}", "--adaln_hidden=32"])
+    with pytest.raises(ValueError, match="adaln_init.*adaln_hidden 32"):
+        train.speaker_adaln(wide, dit, stage1["mlp.0.weight"].shape[1])
 
 
 def test_samples_cover_every_prompt_and_speaker(run):
     tmp, _ = run
-    val = [json.loads(line) for line in (tmp / "corpus" / "val.jsonl").read_text().splitlines() if line]
-    speakers = sorted({r["speaker"] for r in val})
-    for variant in pipeline.VARIANTS:
-        metas = [json.loads(p.read_text()) for p in sorted((tmp / "runs" / "smoke" / "samples" / variant).glob("*.json"))]
-        assert len(metas) == len(val) * len(speakers)
-        assert all(Path(p).with_suffix(".wav").is_file() for p in (tmp / "runs" / "smoke" / "samples" / variant).glob("*.json"))
-        assert {m["speaker"] for m in metas} == set(speakers) and {m["variant"] for m in metas} == {variant}
-        assert {m["prompt"] for m in metas} == {r["text"] for r in val}
-        # references are held-out val clips, never the generator's or the judge's training clips
-        assert all(Path(m["ref"]).parent.parent.name == "wavs" and any(m["ref"].endswith(r["audio"]) for r in val)
-                   for m in metas)
+    rows = lambda split: [json.loads(line) for line in (tmp / "corpus" / f"{split}.jsonl").read_text().splitlines()
+                          if line]
+    val = rows("val")
+    for group, refs in (("", val), ("_unseen", rows("val_unseen"))):
+        speakers = sorted({r["speaker"] for r in refs})
+        assert len(speakers) == (3 if group == "" else 2)
+        for variant in pipeline.VARIANTS:
+            d = tmp / "runs" / "smoke" / "samples" / f"{variant}{group}"
+            metas = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
+            assert len(metas) == len(val) * len(speakers)
+            assert all(Path(p).with_suffix(".wav").is_file() for p in d.glob("*.json"))
+            assert {m["speaker"] for m in metas} == set(speakers) and {m["variant"] for m in metas} == {variant}
+            assert {m["seen"] for m in metas} == {group == ""}
+            assert {m["prompt"] for m in metas} == {r["text"] for r in val}
+            # references are held-out clips, never the generator's or the judge's training clips
+            assert all(Path(m["ref"]).parent.parent.name == "wavs" and any(m["ref"].endswith(r["audio"]) for r in refs)
+                       for m in metas)
+    train_speakers = {r["speaker"] for r in rows("train")}
+    assert train_speakers == {"spk00", "spk01", "spk02"}  # the held-out voices were never trained on
     guided = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln_guided").glob("*.json")).read_text())
     plain = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln").glob("*.json")).read_text())
     assert guided["spk_cfg"] > 1.0 and plain["spk_cfg"] == 1.0
@@ -73,9 +105,19 @@ def test_judge_json_and_report(run):
     judge = json.loads((tmp / "runs" / "smoke" / "judge.json").read_text())
     assert judge["chance"] == pytest.approx(1 / 3)  # micro: 3 speakers
     assert judge["speakers"] == ["spk00", "spk01", "spk02"]
+    ge2e = judge["ge2e"]
+    assert set(ge2e) == {"seen", "unseen"}
+    assert ge2e["seen"]["real_val"]["chance"] == pytest.approx(1 / 3)
+    assert ge2e["unseen"]["real_val"]["chance"] == pytest.approx(1 / 2)
     for key in ("real_val", *pipeline.VARIANTS):
-        r = judge[key]
-        assert 0.0 <= r["accuracy"] <= 1.0 and -2.0 <= r["margin"] <= 2.0 and r["n"] > 0
+        assert judge[key]["n"] == ge2e["seen"][key]["n"] == (3 if key == "real_val" else 9)
+        assert ge2e["unseen"][key]["n"] == (2 if key == "real_val" else 6)
+    # Without a speaker path a prompt's sample is the same clip whatever the reference: both judges
+    # must then score exactly chance with zero margin (one reference in S is "right"). A speaker
+    # leak into the baseline, or samples filed under the wrong reference, breaks this.
+    for scores, chance in ((judge["baseline"], 1 / 3), (ge2e["seen"]["baseline"], 1 / 3),
+                           (ge2e["unseen"]["baseline"], 1 / 2)):
+        assert scores["accuracy"] == pytest.approx(chance) and scores["margin"] == pytest.approx(0, abs=1e-5)
     assert summary["judge"] == judge
     page = (tmp / "runs" / "smoke" / "report.html").read_text()
     assert "judge_acc" in page and "judge_margin" in page and "adaln_guided" in page
