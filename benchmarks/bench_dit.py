@@ -142,7 +142,8 @@ def main():
     times = timing.paired_times(steps, args.steps)
     load1 = timing.load()
     per_round = timing.ratios(times["ours"], times["ref"])
-    print(timing.describe("ratio ours/ref per round", per_round) + "; rounds: " + " ".join(f"{r:.3f}" for r in per_round))
+    print(timing.describe("ratio ours/ref per round", per_round)
+          + "; rounds: " + " ".join(f"{r:.3f}" for r in per_round))
     print(timing.load_line(load0, load1, args.threads) + f"; timing wall {time.perf_counter() - t_start:.0f} s")
     med = {w: timing.spread(t)[0] for w, t in times.items()}
     for w in ("ours", "ref"):

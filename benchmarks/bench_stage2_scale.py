@@ -166,7 +166,8 @@ def main():
         med = timing.spread(fire[k])[0]
         print(f"{k} ({T / 25:.0f} s decoded): decode_16k f+b ({decode_params / 1e6:.1f} M params: VAE decoder + "
               f"16 kHz vocoder, checkpointed) " + timing.describe("s", times[f"decode_{k}"], fmt=".2f"))
-        print(f"    wavlm_sv f+b ({wavlm_params / 1e6:.1f} M params) " + timing.describe("s", times[f"wavlm_{k}"], fmt=".2f"))
+        print(f"    wavlm_sv f+b ({wavlm_params / 1e6:.1f} M params) "
+              + timing.describe("s", times[f"wavlm_{k}"], fmt=".2f"))
         print("    " + timing.describe("projected ratio per firing micro-batch", fire[k])
               + f"; amortised {1 + q * (med - 1):.3f}x (target <= 1.5x)")
     print(timing.load_line(load0, load1, args.threads) + f"; wall {time.perf_counter() - t_start:.0f} s")

@@ -68,4 +68,5 @@ def load_line(before, after, threads):
     busy = max(before, after) > threads + 0.5 or max(before, after) > cores
     state = ("BUSY: other processes shared the CPU, absolute times are inflated (paired ratios less so)"
              if busy else "otherwise idle")
-    return f"load average (1 min) {before:.2f} before, {after:.2f} after, {cores} cores, {threads} thread(s) here: {state}"
+    return (f"load average (1 min) {before:.2f} before, {after:.2f} after, {cores} cores, "
+            f"{threads} thread(s) here: {state}")

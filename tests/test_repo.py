@@ -12,7 +12,8 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OUTSIDE = {
-    "team folder beside the repo": re.compile(r"\.\./[s]hared\b|\b[s]hared/(?:ltx23|seeds)|[s]hared/[A-Z]+\.md|[\"'][s]hared[\"']\s*,\s*[\"']ltx23"),
+    "team folder beside the repo": re.compile(
+        r"\.\./[s]hared\b|\b[s]hared/(?:ltx23|seeds)|[s]hared/[A-Z]+\.md|[\"'][s]hared[\"']\s*,\s*[\"']ltx23"),
     "document not in the repo": re.compile(r"\b[S]PEC(?:\.md| *§)|\b[S]TYLE\.md"),
     "ticket number not in the repo": re.compile(r"\b[i]ssues? #?\d+|\([i]ssue\b", re.IGNORECASE),
 }
