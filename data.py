@@ -270,9 +270,10 @@ def entry_path(cache_dir, item_id):
 
 
 def save_atomic(tensors, path, metadata):
-    """A cache file, written atomically (files.save_safetensors): a crash never leaves half a file."""
+    """A cache file, written atomically (files.save_safetensors): a crash never leaves half a file.
+    Not fsynced: a cache holds one file per clip, and `entry_is_fresh` re-encodes any it cannot read."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    files.save_safetensors(tensors, path, metadata)
+    files.save_safetensors(tensors, path, metadata, durable=False)
 
 
 def entry_is_fresh(path, fingerprint, item):
