@@ -24,9 +24,9 @@ so the writer never holds more than one tensor, into --dir (default /tmp; remove
 
 Per phase: peak RSS (VmHWM, file pages included), peak anonymous memory (RssAnon sampled every
 10 ms: what each torchrun rank pays privately), wall seconds, and for the step phases the
-anonymous memory the step adds on top of the built model. Results: records/2026-11-29_host_memory.md. A micro-batch is 1 clip of 25
-tokens (1 s) and 32 text tokens: the activations are small, the weights, masters, gradients and
-optimizer state are what is measured. A phase is skipped, and says so, when MemAvailable is below
+anonymous memory the step adds on top of the built model (records/2026-11-29_host_memory.md).
+A micro-batch is 1 clip of 25 tokens (1 s) and 32 text tokens: the activations are small, the
+weights, masters, gradients and optimizer state are what is measured. A phase is skipped, and says so, when MemAvailable is below
 its expected need (this runs on shared machines).
 """
 
@@ -52,7 +52,8 @@ import text as text_lib  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
 
-PHASES = ("imports", "load_dit", "build_lora", "build_lora_fp32", "step_lora", "build_adaln", "build_adaln_fp32", "step_adaln")
+PHASES = ("imports", "load_dit", "build_lora", "build_lora_fp32", "step_lora", "build_adaln", "build_adaln_fp32",
+          "step_adaln")
 # memory a phase is expected to need, in bytes per DiT parameter (estimated from the sizes: an fp32
 # DiT is 4, an fp32 AdaLN with its gradient and Adam moments 2.2), to skip it on a full machine
 NEED_PER_PARAM = {"imports": 0.0, "load_dit": 0.3, "build_lora": 1.0, "build_lora_fp32": 4.8, "step_lora": 1.5,
@@ -212,8 +213,8 @@ def phase(name, ckpt, preset, out_dir):
     seconds = time.perf_counter() - t0
     done.set()
     st = proc_status()
-    out = {"phase": name, "peak_rss_gib": st["VmHWM"] / 2**30, "peak_anon_gib": max(peak["anon"], st["RssAnon"]) / 2**30,
-           "end_file_gib": st["RssFile"] / 2**30, "seconds": seconds}
+    out = {"phase": name, "peak_rss_gib": st["VmHWM"] / 2**30, "end_file_gib": st["RssFile"] / 2**30,
+           "peak_anon_gib": max(peak["anon"], st["RssAnon"]) / 2**30, "seconds": seconds}
     if step_peak is not None:  # the step's own growth: masters, gradients, Adam moments, activations, checkpoint
         out["step_growth_gib"] = (step_peak - built_anon) / 2**30
     return out
@@ -245,7 +246,8 @@ def main():
         t0 = time.perf_counter()
         write_random_checkpoint(ckpt, preset)
         print(f"wrote {ckpt}: {size / 2**30:.2f} GiB, {n_dit:,} DiT parameters, in {time.perf_counter() - t0:.0f} s")
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, MemAvailable {mem_available() / 2**30:.1f} GiB")
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+          f"MemAvailable {mem_available() / 2**30:.1f} GiB")
     print(f"{'phase':<18} {'peak RSS GiB':>12} {'peak anon GiB':>13} {'file GiB':>9} {'wall s':>7} "
           f"{'step growth GiB':>15}")
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -254,7 +256,8 @@ def main():
         for name in args.phases.split(","):
             need = NEED_PER_PARAM[name] * n_dit
             if mem_available() < need + (2 << 30):
-                print(f"{name:<18} skipped: needs ~{need / 2**30:.1f} GiB, MemAvailable {mem_available() / 2**30:.1f} GiB")
+                print(f"{name:<18} skipped: needs ~{need / 2**30:.1f} GiB, "
+                      f"MemAvailable {mem_available() / 2**30:.1f} GiB")
                 continue
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--phase={name}", f"--ckpt={ckpt}",
                                    f"--layout={args.layout}", f"--layers={args.layers}"],
