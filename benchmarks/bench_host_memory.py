@@ -26,8 +26,8 @@ Per phase: peak RSS (VmHWM, file pages included), peak anonymous memory (RssAnon
 10 ms: what each torchrun rank pays privately), wall seconds, and for the step phases the
 anonymous memory the step adds on top of the built model (records/2026-11-29_host_memory.md).
 A micro-batch is 1 clip of 25 tokens (1 s) and 32 text tokens: the activations are small, the
-weights, masters, gradients and optimizer state are what is measured. A phase is skipped, and says so, when MemAvailable is below
-its expected need (this runs on shared machines).
+weights, masters, gradients and optimizer state are what is measured. A phase is skipped, and
+says so, when MemAvailable is below its expected need (this runs on shared machines).
 """
 
 import argparse
