@@ -136,6 +136,7 @@ class Config:
     sample_prompts: int = 0  # the first N val prompts are spoken by every reference (0 = all of them)
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
+    eval_dnsmos_clips: int = 16  # DNSMOS scores this many samples per variant, spread evenly (0 = all)
     cpu_threads: int = 0  # torch threads of every step (OMP_NUM_THREADS); 0 = torch's default
     train_processes: int = 1  # per training stage; > 1 launches it with torchrun (run.sh --gpus N sets it)
     debug: bool = False  # expected errors print the traceback too (see run_cli), not just one line

@@ -262,9 +262,12 @@ def step_eval(cfg, p, yamls, overrides):
     dirs = [str(p["samples"] / v) for v in VARIANTS if v in samples]
     curves = [f"{stage}={p[f'{stage}_dir'] / 'metrics.jsonl'}" for stage in STAGE_OUTPUT
               if (p[f"{stage}_dir"] / "metrics.jsonl").is_file()]
+    # DNSMOS on a spread subset, first 9 s window only: every window of every sample would take minutes
     run_command(["eval.py", "--samples", *dirs, "--baseline", "baseline", "--judge", p["judge"],
-                 "--metrics", cfg.eval_metrics, "--player_rate", REPORT_PLAYER_RATE, "--out", p["report"], "--scores", p["scores"],
-                 "--title", f"speakerbox pipeline: {cfg.name}", *(["--metrics_jsonl", *curves] if curves else [])],
+                 "--metrics", cfg.eval_metrics, "--ge2e_split", p["judge_split"], "--dnsmos_windows", 1,
+                 "--dnsmos_per_variant", cfg.eval_dnsmos_clips, "--player_rate", REPORT_PLAYER_RATE,
+                 "--out", p["report"], "--scores", p["scores"], "--title", f"speakerbox pipeline: {cfg.name}",
+                 *(["--metrics_jsonl", *curves] if curves else [])],
                 p["run"] / "logs" / "eval.log")
 
 
