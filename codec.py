@@ -32,6 +32,7 @@ import torchaudio.functional as AF
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from audio import SAMPLE_RATE, resample
 from files import load_prefixed_state, read_checkpoint_config
 
 # ------------------------------------------------------------------------------------------------
@@ -86,12 +87,6 @@ def load_audio(path, sample_rate, channels=None):
     if channels is not None:
         wav = to_channels(wav, channels)
     return wav.contiguous()
-
-
-def resample(wav, orig_rate, new_rate):
-    """torchaudio's band-limited sinc resampling along the last axis (differentiable); a no-op
-    when the rates are equal."""
-    return wav if orig_rate == new_rate else AF.resample(wav, orig_rate, new_rate)
 
 
 def log_mel(wav, sample_rate, n_fft, hop_length, mel_fb):
@@ -638,7 +633,7 @@ class LTXAudioCodec(nn.Module):
             self.vocoder = Vocoder(voc, "tanh" if voc.get("use_tanh_at_final", True) else "clamp", voc_in)
             self.output_rate = voc.get("output_sampling_rate", 24000)
         self.config = {"audio_vae": vae, "vocoder": voc}
-        self.sample_rate = params.get("sampling_rate", 16000)
+        self.sample_rate = params.get("sampling_rate", SAMPLE_RATE)
         self.n_fft = stft.get("filter_length", 1024)
         self.hop_length = stft.get("hop_length", 160)
         self.mel_bins = mel_bins
@@ -667,7 +662,7 @@ class LTXAudioCodec(nn.Module):
     def decode(self, latents):
         """(B, T, latent_dim) normalised latents -> (B, 2, N_out) at `output_rate`, differentiable.
 
-        N_out = (4T - 3) * 160 * output_rate / 16000. With `grad_checkpointing` set, each res
+        N_out = (4T - 3) * 160 * output_rate / SAMPLE_RATE. With `grad_checkpointing` set, each res
         block and vocoder stage is recomputed in the backward pass instead of stored.
         """
         dtype = next(self.vocoder.parameters()).dtype
@@ -682,10 +677,10 @@ class LTXAudioCodec(nn.Module):
         resampler cost more than the 16 kHz vocoder's last stages). Other vocoders are resampled.
         """
         if not isinstance(self.vocoder, VocoderWithBWE):
-            return resample(self.decode(latents), self.output_rate, 16000)
+            return resample(self.decode(latents), self.output_rate, SAMPLE_RATE)
         dtype = next(self.vocoder.parameters()).dtype
         mel = self.audio_vae.decode(latents.to(dtype), self.grad_checkpointing)
-        return resample(self.vocoder.vocoder(mel, self.grad_checkpointing), self.vocoder.input_rate, 16000)
+        return resample(self.vocoder.vocoder(mel, self.grad_checkpointing), self.vocoder.input_rate, SAMPLE_RATE)
 
     def settings(self):
         """What, besides the weights, determines `encode`'s output (for `codec_fingerprint`)."""
@@ -711,7 +706,7 @@ class MelCodec(nn.Module):
     frames_per_token = 4
 
     def __init__(self, n_mels=32, n_fft=512, griffin_lim_iters=32, mean=-6.0, std=2.5,
-                 sample_rate=16000, hop_length=160):
+                 sample_rate=SAMPLE_RATE, hop_length=160):
         super().__init__()
         self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
         self.griffin_lim_iters, self.mean, self.std = griffin_lim_iters, mean, std
@@ -749,7 +744,7 @@ class MelCodec(nn.Module):
 
     def decode_16k(self, latents):
         """`decode` at 16 kHz (the ReFL scorers' rate)."""
-        return resample(self.decode(latents), self.output_rate, 16000)
+        return resample(self.decode(latents), self.output_rate, SAMPLE_RATE)
 
     def settings(self):
         """What determines `encode`'s output (for `codec_fingerprint`)."""

@@ -44,8 +44,8 @@ import numpy as np
 import soundfile as sf
 
 import files
+from audio import SAMPLE_RATE  # the codec's and the speaker extractors' rate
 
-SAMPLE_RATE = 16000  # the codec's and the speaker extractors' rate (both take 16 kHz)
 MIN_SECONDS, MAX_SECONDS = 1.0, 4.0
 SOURCE = "espeak"
 SPLITS = ("train", "val", "judge", "val_unseen", "judge_unseen")

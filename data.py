@@ -42,18 +42,17 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 from safetensors import safe_open
 from tqdm import tqdm
 
 import files
+from audio import SAMPLE_RATE, resample
 from codec import to_channels
 from model import PRESETS, audio_positions, video_positions
 from text import left_pad_features
 
 CACHE_VERSION = 2  # bump when the layout of a cache entry changes
 SILENT_PEAK = 1e-4  # a clip whose peak is below -80 dBFS is treated as silent (no usable speech)
-SPEAKER_SAMPLE_RATE = 16000  # speaker extractors take 16 kHz mono (WavLM-SV and co. are 16 kHz models)
 REF_PEAK = 10 ** (-4.0 / 20)  # speaker features see references peak-normalised to -4 dBFS (DramaBox)
 MANIFEST_KEYS = {"audio", "text", "speaker", "ref_audio", "source", "id"}
 MODES = ("forward", "reverse", "uncond")
@@ -165,8 +164,7 @@ def read_audio(path, sample_rate, channels, min_seconds=0.0, max_seconds=math.in
     if seconds > max_seconds:
         raise BadInput("too_long", f"{path}: {seconds:.2f} s is longer than max_seconds={max_seconds}")
     wav = to_channels(torch.from_numpy(data.T.copy()), channels)  # (C, N)
-    if sr != sample_rate:
-        wav = torchaudio.functional.resample(wav, sr, sample_rate)
+    wav = resample(wav, sr, sample_rate)
     return wav, sr != sample_rate
 
 
@@ -303,7 +301,7 @@ def encode_clip(path, cfg, codec, speaker, device):
     latent = codec.encode(wav[None].to(device))[0].float()  # (T, F)
     spk = None
     if speaker is not None:
-        wav16, _ = read_audio(path, SPEAKER_SAMPLE_RATE, 1)
+        wav16, _ = read_audio(path, SAMPLE_RATE, 1)  # speaker extractors take 16 kHz mono
         wav16 = wav16 * (REF_PEAK / wav16.abs().max())  # as sample.py normalises a --ref
         spk = speaker(wav16.to(device))[0].float()  # (dim,)
     return latent, spk, resampled
@@ -690,7 +688,7 @@ def expected_audio_frames(duration):
     """Latent frames the LTX audio VAE gives for `duration` seconds: 100 mel frames/s (hop 160 at
     16 kHz, centred STFT: N//160 + 1 frames), then two causal stride-2 convs (ceil twice = ceil /4).
     This is round(25·d) + 1 for whole multiples of 40 ms, e.g. 26 frames for 1 s."""
-    mel_frames = int(duration * 16000) // 160 + 1
+    mel_frames = int(duration * SAMPLE_RATE) // 160 + 1
     return math.ceil(mel_frames / 4)
 
 

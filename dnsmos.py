@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SAMPLE_RATE = 16000
-WINDOW = 144160  # 9.01 s: the ONNX input length (speechmos INPUT_LENGTH * 16000)
+from audio import SAMPLE_RATE
+
+WINDOW = 144160  # 9.01 s: the ONNX input length (speechmos INPUT_LENGTH 9.01 s at SAMPLE_RATE)
 HOP = SAMPLE_RATE  # 1 s between windows, as speechmos
 FRAME, FRAME_HOP, FRAMES = 320, 160, 900  # the graph's framing: two crops reshaped to (900, 160)
 

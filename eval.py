@@ -61,7 +61,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-SR_METRIC = 16000  # every metric here works on 16 kHz mono
+import files
+from audio import SAMPLE_RATE, resample, write_wav  # every metric here works on 16 kHz mono
+
 METRIC_INFO = {  # name: (description, higher is better)
     "spk_sim": ("WavLM-SV cosine to the reference", True),
     "dnsmos_sig": ("DNSMOS speech quality", True),
@@ -126,11 +128,8 @@ def load_samples(dirs):
 
 def read_mono16k(path):
     """A file as a mono float32 tensor (N,) at 16 kHz."""
-    import torchaudio.functional as AF
-
     data, rate = sf.read(path, dtype="float32", always_2d=True)
-    wav = torch.from_numpy(data.mean(1))
-    return AF.resample(wav, rate, SR_METRIC) if rate != SR_METRIC else wav
+    return resample(torch.from_numpy(data.mean(1)), rate, SAMPLE_RATE)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def metric_wer(samples, wavs, path, device):
     out = {}
     for s in samples:
         target = s["meta"].get("spoken_text") or spoken_text(s["meta"].get("prompt", ""))
-        feats = processor(wavs[s["id"]].numpy(), sampling_rate=SR_METRIC, return_tensors="pt").input_features
+        feats = processor(wavs[s["id"]].numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         with torch.no_grad():
             ids = model.generate(feats.to(device), **lang)
         out[s["id"]] = word_error_rate(target, processor.batch_decode(ids, skip_special_tokens=True)[0])
@@ -281,7 +280,7 @@ def metric_judge(samples, wavs, path):
         spk = s["meta"].get("speaker")
         if spk is None or spk not in judge.speakers:
             continue
-        rep = judge_lib.judge_report(judge, [wavs[s["id"]]], [spk], sample_rate=SR_METRIC)
+        rep = judge_lib.judge_report(judge, [wavs[s["id"]]], [spk], sample_rate=SAMPLE_RATE)
         out["judge_acc"][s["id"]], out["judge_margin"][s["id"]] = rep["accuracy"], rep["margin"]
     return out
 
@@ -523,8 +522,7 @@ def loss_curves_svg(records, keys=("loss", "val_loss"), width=640, height=240):
 
 
 def read_metrics_jsonl(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--metrics_jsonl {path}: file not found")
+    files.check_file(path, "--metrics_jsonl")
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
@@ -547,11 +545,8 @@ def audio_data_uri(path, rate):
         return "data:audio/wav;base64," + base64.b64encode(Path(path).read_bytes()).decode()
     if rate not in OPUS_RATES:
         raise ValueError(f"--player_rate {rate}: Opus encodes only {', '.join(map(str, OPUS_RATES))} Hz (or 0)")
-    import torchaudio.functional as AF
-
     data, sr = sf.read(path, dtype="float32", always_2d=True)
-    wav = torch.from_numpy(data.mean(1))
-    wav = AF.resample(wav, sr, rate) if sr != rate else wav
+    wav = resample(torch.from_numpy(data.mean(1)), sr, rate)
     buf = io.BytesIO()
     sf.write(buf, wav.clamp(-1, 1).numpy(), rate, format="OGG", subtype="OPUS")  # libopus's default: ~24 kbit/s
     return "data:audio/ogg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -719,10 +714,9 @@ def generate_eval_set(items, pipeline, out_dir, *, variant, settings, sample_kwa
         for it, wav in zip(group, wavs):
             name = f"p{it['prompt_index']:02d}_{it['speaker'] or 'uncond'}_seed{it['seed']}"
             path = os.path.join(out_dir, name + ".wav")
-            sf.write(path, wav.T.numpy(), codec.output_rate)
             meta = dict(settings, variant=variant, prompt=it["prompt"], seed=it["seed"], ref=it["ref"],
                         speaker=it["speaker"], ref_mode=mode, spoken_text=spoken_text(it["prompt"]))
-            Path(path).with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+            write_wav(path, wav, codec.output_rate, meta)
             paths.append(path)
     return paths
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 FILE_MODE = 0o644
 HEADER_LIMIT = 100 << 20  # safetensors refuses JSON headers over 100 MB itself
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # as configs and flags spell them
 
 
 class BadFile(ValueError):
@@ -38,6 +39,12 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 # -----------------------------------------------------------------------------------------------
 # atomic writes
+
+
+def check_file(path, flag=""):
+    """FileNotFoundError naming `path` (and the `flag` it came from) unless it is a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag + ' ' if flag else ''}{os.fspath(path)}: file not found")
 
 
 def temp_path(path):
@@ -104,8 +111,7 @@ def torch_load(path, mmap=False):
     loading) is refused, as is a truncated or damaged file, with a BadFile naming the file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
+    check_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
@@ -133,8 +139,7 @@ def read_header(path):
     file's size, so that text, other formats and truncated files get one clear BadFile naming
     the file (safetensors itself raises its own error types, or MemoryError on a bogus length)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
+    check_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)

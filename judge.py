@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import torchaudio
 
 import files
+from audio import SAMPLE_RATE, resample
 
-SAMPLE_RATE = 16000
 N_FFT, HOP, N_MELS = 1024, 160, 80  # 64 ms windows resolve harmonics of f0 down to ~60 Hz
 ACTIVE_DB = 35.0  # frames more than this below the clip's loudest frame are silence: skipped
 FEATURE_DIM = 3 * N_MELS  # per-bin mean, std and mean |delta| of the active frames
@@ -65,9 +65,7 @@ def _as_tensor(wav, sample_rate):
         raise ValueError(f"expected a mono clip of shape (T,) or (C, T), got shape {tuple(wav.shape)}")
     if not torch.isfinite(wav).all():
         raise ValueError(f"clip of {wav.numel()} samples has NaN/Inf values")
-    if sample_rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, sample_rate, SAMPLE_RATE)
-    return wav
+    return resample(wav, sample_rate, SAMPLE_RATE)
 
 
 def features(wavs, sample_rate=SAMPLE_RATE):

@@ -11,9 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# ltx-trainer `ShiftedLogitNormalTimestepSampler` (Lightricks/LTX-2,
-# packages/ltx-trainer/src/ltx_trainer/timestep_samplers.py): μ linear in the token count through
-# (1024, 0.95) and (4096, 2.05), capped at 4096 tokens (beyond it both stretch bounds saturate at 1).
+# The σ shift of LTX-2: linear in the token count through (1024, 0.95) and (4096, 2.05), and
+# extended along that line beyond them, the same in ltx-core's LTX2Scheduler (sampling) and in
+# ltx-trainer's ShiftedLogitNormalTimestepSampler (training), so one function serves both.
 SHIFT_TOKENS = (1024, 4096)
 SHIFT_VALUES = (0.95, 2.05)
 # standard-normal quantiles that bound the stretch: 0.5th and 99.9th percentiles
@@ -24,10 +24,11 @@ SIGMA_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def shift_for_tokens(n_tokens):
-    """μ of the shifted logit-normal for a sequence of `n_tokens` (linear, capped at 4096 tokens)."""
+    """The shift for `n_tokens`: μ of the training σ law, s of the sampling schedule. Slope and
+    intercept in ltx-core's order of operations, so the schedule equals its scheduler's bit for bit."""
     (t0, t1), (s0, s1) = SHIFT_TOKENS, SHIFT_VALUES
-    n = min(float(n_tokens), t1)
-    return s0 + (s1 - s0) * (n - t0) / (t1 - t0)
+    slope = (s1 - s0) / (t1 - t0)
+    return n_tokens * slope + (s0 - slope * t0)
 
 
 def sample_sigma(batch, n_tokens, *, mode="shifted_logit_normal", generator=None, std=1.0,
@@ -51,6 +52,9 @@ def sample_sigma(batch, n_tokens, *, mode="shifted_logit_normal", generator=None
     sigma = torch.sigmoid(torch.randn(batch, generator=generator) * std + mu)
     lo = torch.sigmoid(torch.tensor(mu + Z_LOW * std))
     hi = torch.sigmoid(torch.tensor(mu + Z_HIGH * std))
+    if hi <= lo:  # both bounds round to 1 in fp32 (~50k tokens): the stretch would divide by zero
+        raise ValueError(f"sigma_sampler: {n_tokens} tokens give shift {mu:.1f}, where the shifted "
+                         "logit-normal degenerates in fp32; use a shorter sequence or sigma_sampler=uniform")
     sigma = (sigma - lo) / (hi - lo)
     sigma = torch.where(sigma >= eps, sigma, 2 * eps - sigma).clamp(0, 1)
     uniform = eps + (1 - eps) * torch.rand(batch, generator=generator)

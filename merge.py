@@ -28,7 +28,7 @@ from config import run_cli
 from lora import read_lora_file
 from model import PREFIX
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}
+TARGET_DTYPES = {**files.DTYPES, "keep": None}  # "keep": each tensor stays in the dtype it has
 # safetensors dtype codes of the dtypes we may write (the format's spelling)
 ST_CODE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 FLOAT_CODES = ("F32", "BF16", "F16")  # cast by --dtype; fp8 and integer tensors are copied as they are
@@ -54,9 +54,9 @@ def _copy_bytes(src, dst, start, length, what):
 def merge_checkpoint(ckpt, lora_path, out, dtype="bf16", strength=1.0):
     """Write `out`: `ckpt` with the LoRA at `lora_path` folded in. Returns a summary dict."""
     ckpt, lora_path, out = os.fspath(ckpt), os.fspath(lora_path), os.fspath(out)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    target = DTYPES[dtype]
+    if dtype not in TARGET_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(TARGET_DTYPES)}, got {dtype!r}")
+    target = TARGET_DTYPES[dtype]
     header, meta, data_start = files.read_header(ckpt)
     updates, unmatched = read_lora_file(lora_path, strength)  # refuses NaN / Inf and damaged files
     if not updates:
@@ -135,13 +135,12 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="base checkpoint (official LTX-2 safetensors)")
     p.add_argument("--lora", required=True, help="LoRA safetensors (ours, ComfyUI or ltx-core layout)")
     p.add_argument("--out", required=True, help="merged safetensors to write")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of the transformer tensors")
+    p.add_argument("--dtype", default="bf16", choices=list(TARGET_DTYPES), help="dtype of the transformer tensors")
     p.add_argument("--strength", type=float, default=1.0, help="multiplier of the LoRA update")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     for flag, path in (("--ckpt", args.ckpt), ("--lora", args.lora)):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag} {path}: no such file")
+        files.check_file(path, flag)
     s = merge_checkpoint(args.ckpt, args.lora, args.out, dtype=args.dtype, strength=args.strength)
     print(f"{s['out']}: {s['merged']} weights merged, {s['cast']} cast to {args.dtype}, "
           f"{s['copied']} copied unchanged, {s['bytes'] / 2**30:.2f} GiB")

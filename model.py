@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from audio import SAMPLE_RATE
 from files import BadFile, load_prefixed_state, read_checkpoint_config, save_safetensors
 
 # -----------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def audio_positions(T, B=1, offset_s=0.0, device=None):
     `offset_s` shifts the whole clip (DramaBox places reference-voice tokens at +0.5 s).
     """
     i = torch.arange(T + 1, dtype=torch.float32, device=device)
-    edges = (i * 4 + 1 - 4).clip(min=0) * 160 / 16000  # start of latent i = end of latent i-1
+    edges = (i * 4 + 1 - 4).clip(min=0) * 160 / SAMPLE_RATE  # start of latent i = end of latent i-1
     mid = (edges[:-1] + offset_s + edges[1:] + offset_s) / 2
     return mid.expand(B, T)
 

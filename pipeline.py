@@ -181,8 +181,7 @@ def reference_clips(manifest):
 
 def step_sample(cfg, p, yamls, overrides):
     """Every validation prompt x one held-out reference per speaker, for each of VARIANTS."""
-    import soundfile as sf
-
+    import audio
     import sample as sample_lib
 
     prompts, durations, refs = reference_clips(p["val"])
@@ -220,12 +219,11 @@ def step_sample(cfg, p, yamls, overrides):
             out_dir = p["samples"] / (f"{variant}_unseen" if spk in unseen else variant)
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"{k:04d}_{spk}_seed{seed}.wav"
-            sf.write(path, wav.T.numpy(), codec.output_rate)
             meta = {"variant": variant, "prompt": prompt, "speaker": spk, "seen": spk not in unseen,
                     "ref": refs[spk], "seed": seed,
                     "duration_s": round(seconds, 2),
                     "ckpt": str(p["merged"]), "adaln": str(p["adaln"]) if adaln else None, **settings}
-            (out_dir / f"{path.stem}.json").write_text(json.dumps(meta, indent=1))
+            audio.write_wav(path, wav, codec.output_rate, meta)
         print(f"    {variant}: {len(wavs)} samples in {time.time() - t0:.1f} s -> {p['samples'] / variant}"
               + ("{,_unseen}" if unseen else ""), flush=True)
 

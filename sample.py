@@ -21,24 +21,18 @@ import time
 
 import torch
 
+import audio
 import files
+import losses
 from data import REF_PEAK  # the -4 dBFS peak references get, in training features and here
 
 # -----------------------------------------------------------------------------------------------
 # σ schedule (ltx-core LTX2Scheduler)
 
-SHIFT_ANCHORS = ((1024, 0.95), (4096, 2.05))  # (tokens, shift): the line the shift is read from
 DEFAULT_SHIFT_TOKENS = 4096  # the reference pipelines pass no latent, so the shift is 2.05
 # DramaBox passes its patchified (B, T, 128) latent; the scheduler counts prod(shape[2:]) = 128
 # tokens whatever the length (it was written for video latents), so its shift is always ~0.63.
 DRAMABOX_SHIFT_TOKENS = 128
-
-
-def shift_for_tokens(n_tokens):
-    """The schedule / σ-sampler shift: linear in the token count through SHIFT_ANCHORS."""
-    (x1, y1), (x2, y2) = SHIFT_ANCHORS
-    slope = (y2 - y1) / (x2 - x1)
-    return n_tokens * slope + (y1 - slope * x1)
 
 
 def ltx2_sigmas(steps, n_tokens=None, *, shift=None, stretch_to=0.1):
@@ -51,7 +45,7 @@ def ltx2_sigmas(steps, n_tokens=None, *, shift=None, stretch_to=0.1):
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    s = shift if shift is not None else shift_for_tokens(n_tokens or DEFAULT_SHIFT_TOKENS)
+    s = shift if shift is not None else losses.shift_for_tokens(n_tokens or DEFAULT_SHIFT_TOKENS)
     t = torch.linspace(1.0, 0.0, steps + 1)
     e = math.exp(s)
     sigmas = torch.where(t != 0, e / (e + (1 / t - 1)), 0.0)
@@ -219,12 +213,6 @@ def reference_mask(n_target, n_ref, see_ref=True):
 REF_MODES = ("adaln", "tokens", "both", "none")
 
 
-def _resample(wav, orig, new):
-    import torchaudio.functional as AF
-
-    return wav if orig == new else AF.resample(wav, orig, new)
-
-
 def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
     """The passes one step needs besides the conditioned one, in batch order."""
     passes = ["cond"]
@@ -330,7 +318,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     use_adaln = ref_mode in ("adaln", "both")
     if use_adaln and any(r is not None for r in refs) and (adaln is None or speaker is None):
         raise ValueError(f"ref_mode={ref_mode!r} needs a SpeakerAdaLNZero (--adaln) and speaker extractors")
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = files.DTYPES[dtype] if isinstance(dtype, str) else dtype
     stg_blocks = (model.cfg.stg_block,) if stg_blocks is None else tuple(stg_blocks)
     channels = getattr(codec, "channels", 2)
 
@@ -347,7 +335,8 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
             lat = codec.encode(wav[None].to(device)).float() if use_tokens else None  # (1, Tr, F)
             d = None
             if use_adaln:
-                wav16 = _resample(wav.mean(0, keepdim=True), codec.sample_rate, 16000).to(device)  # (1, N)
+                mono = wav.mean(0, keepdim=True)  # (1, N)
+                wav16 = audio.resample(mono, codec.sample_rate, audio.SAMPLE_RATE).to(device)
                 d = adaln(speaker(wav16).float())  # (1, blocks, rows*D)
             cache[key] = (lat, d)
         ref_lat[i], ref_deltas[i] = cache[key]
@@ -501,7 +490,6 @@ def video_decode_hint():
 # -----------------------------------------------------------------------------------------------
 # command line
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESETS_HELP = """guidance presets (each project's published defaults):
   LTX-2.3 (default)  --cfg 7   --stg 1   --rescale 0.7 --steps 30                  (STG on the model's block, 28)
   DramaBox           --cfg 2.5 --stg 1.5 --rescale 0   --steps 30 --stg_blocks 29 --shift_tokens 128 --ref_mode tokens
@@ -524,7 +512,7 @@ def add_model_args(p, required=True):
     p.add_argument("--lora", default="", help="LoRA safetensors applied to the DiT")
     p.add_argument("--adaln", default="", help="SpeakerAdaLNZero file (adaln.safetensors from train.py)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="compute dtype of the DiT")
+    p.add_argument("--dtype", default="bf16", choices=sorted(files.DTYPES), help="compute dtype of the DiT")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
@@ -569,7 +557,7 @@ def parse_args(argv=None):
 
 def compute_dtype(device, name):
     """The DiT's compute dtype: the flag on CUDA; fp32 on the CPU, where bf16 matmuls are emulated."""
-    return DTYPES[name] if str(device).startswith("cuda") else torch.float32
+    return files.DTYPES[name] if str(device).startswith("cuda") else torch.float32
 
 
 def resolve_device(name):
@@ -580,17 +568,12 @@ def resolve_device(name):
     return name
 
 
-def _check_file(path, flag):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: file not found")
-
-
 def read_config_file(path):
     """The config dict of `--config`: a run's config.json (its "config" entry, or the whole object)
     or a YAML mapping; one clear error for anything else."""
     from config import read_yaml
 
-    _check_file(path, "--config")
+    files.check_file(path, "--config")
     if not path.endswith(".json"):
         return read_yaml(path)
     try:
@@ -617,7 +600,7 @@ def run_config(args, adaln_meta=None):
     if args.config:
         stored, where = read_config_file(args.config), f"--config {args.config}"
     elif args.adaln:
-        _check_file(args.adaln, "--adaln")
+        files.check_file(args.adaln, "--adaln")
         meta = adaln_meta if adaln_meta is not None else read_adaln_metadata(args.adaln)
         stored, where = meta.get("data_config") or meta.get("config") or {}, f"--adaln {args.adaln}"
     cfg = apply_overrides(Config(), stored, where)
@@ -633,9 +616,9 @@ def load_dit_from_args(args, device, dtype, av=False, adaln_meta=None):
     """(run config, DiT in eval mode with --lora applied) from the CLI flags; clear errors naming the files."""
     from model import load_dit
 
-    _check_file(args.ckpt, "--ckpt")
+    files.check_file(args.ckpt, "--ckpt")
     if args.full_ckpt:
-        _check_file(args.full_ckpt, "--full_ckpt")
+        files.check_file(args.full_ckpt, "--full_ckpt")
     cfg = run_config(args, adaln_meta)
     try:
         model = load_dit(args.ckpt, av=av, device=device, dtype=dtype, strict=True)
@@ -648,7 +631,7 @@ def load_dit_from_args(args, device, dtype, av=False, adaln_meta=None):
     if args.lora:
         from lora import load_lora
 
-        _check_file(args.lora, "--lora")
+        files.check_file(args.lora, "--lora")
         load_lora(model, args.lora)  # raises when its keys match no module of the model
     return cfg, model.eval()
 
@@ -662,7 +645,7 @@ def load_pipeline(args, device, dtype):
     if args.adaln and args.ref_mode in ("adaln", "both"):  # read (and checked) before minutes of model loading
         from adaln import read_adaln_file
 
-        _check_file(args.adaln, "--adaln")
+        files.check_file(args.adaln, "--adaln")
         adaln_file = read_adaln_file(args.adaln)
     cfg, model = load_dit_from_args(args, device, dtype, adaln_meta=adaln_file[1] if adaln_file else None)
     codec, text_encoder, speaker, _ = data.load_models(cfg, torch.device(device))
@@ -761,12 +744,10 @@ def sample_kwargs(args, device):
 
 
 def main(argv=None):
-    import soundfile as sf
-
     args = parse_args(argv)
     prompts = [args.prompt] if args.prompt else []
     if args.prompts:
-        _check_file(args.prompts, "--prompts")
+        files.check_file(args.prompts, "--prompts")
         with open(args.prompts) as f:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
@@ -799,12 +780,10 @@ def main(argv=None):
     audio_seconds = 0.0
     for k, ((prompt, seed), wav) in enumerate(zip(items, wavs)):
         path = args.out or os.path.join(args.out_dir, f"{k // len(seeds):03d}_seed{seed}.wav")
-        sf.write(path, wav.T.numpy(), codec.output_rate)
         meta = dict(settings, prompt=prompt, seed=seed, ref=os.path.abspath(args.ref) if args.ref else None,
                     spoken_text=spoken_text(prompt), duration_s=wav.shape[-1] / codec.output_rate)
+        audio.write_wav(path, wav, codec.output_rate, meta)
         audio_seconds += meta["duration_s"]
-        with open(os.path.splitext(path)[0] + ".json", "w") as f:
-            json.dump(meta, f, indent=2, default=str)
         print(f"wrote {path} ({meta['duration_s']:.2f} s)")
     print(f"sampled {audio_seconds:.1f} s of audio in {seconds:.1f} s (real-time factor {seconds / audio_seconds:.2f})")
 
@@ -812,8 +791,6 @@ def main(argv=None):
 def main_av(args, prompts, seeds, device, dtype):
     """sample.py --av: per item a WAV, `<name>.video_latents.pt` (ltx-trainer's latents/ layout) and a
     JSON sidecar."""
-    import soundfile as sf
-
     if args.ref or args.adaln:
         raise SystemExit("--av samples without a speaker reference (--ref / --adaln are for the audio-only model)")
     try:
@@ -837,12 +814,11 @@ def main_av(args, prompts, seeds, device, dtype):
     for k, ((prompt, seed), (wav, latents)) in enumerate(zip(items, results)):
         path = args.out or os.path.join(args.out_dir, f"{k // len(seeds):03d}_seed{seed}.wav")
         stem = os.path.splitext(path)[0]
-        sf.write(path, wav.T.numpy(), codec.output_rate)
         files.torch_save({"latents": latents.contiguous(), "num_frames": F, "height": H, "width": W, "fps": args.fps},
                          stem + ".video_latents.pt")
-        with open(stem + ".json", "w") as f:
-            json.dump(dict(settings, prompt=prompt, seed=seed, duration_s=wav.shape[-1] / codec.output_rate,
-                           video_latents=stem + ".video_latents.pt"), f, indent=2, default=str)
+        audio.write_wav(path, wav, codec.output_rate, dict(
+            settings, prompt=prompt, seed=seed, duration_s=wav.shape[-1] / codec.output_rate,
+            video_latents=stem + ".video_latents.pt"))
         print(f"wrote {path} and {stem}.video_latents.pt")
     print(video_decode_hint())
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SAMPLE_RATE = 16000
+from audio import SAMPLE_RATE
 
 # documented dims of the plug points (LAIONBox v0.4 card)
 PLUG_DIMS = {"orange_tbr": 128, "clap_how": 768, "clap_what": 768}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from files import load_prefixed_state, read_checkpoint_config
+from files import check_file, load_prefixed_state, read_checkpoint_config
 from model import Attention, FeedForward, rms_norm, split_rope
 
 # Connector sizes for a randomly initialised connector, keyed like model.PRESETS: its width
@@ -223,11 +223,6 @@ VIDEO_CONNECTOR_PREFIX = "model.diffusion_model.video_embeddings_connector."
 PROJECTION_PREFIX = "text_embedding_projection."
 
 
-def _check_file(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-
-
 def _load_strict(module, state, path, prefix):
     """load_state_dict(strict=True) with an error that names the file and the keys."""
     own = module.state_dict()
@@ -312,7 +307,7 @@ def load_text_connector(path, *, register_layout="official", device="cpu", dtype
     Sizes come from the tensors and the file's `__metadata__["config"]["transformer"]` (see
     `connector_config`). Missing/unexpected keys raise naming the file.
     """
-    _check_file(path)
+    check_file(path)
     prefix = CONNECTOR_PREFIX if _stream(stream) == "audio" else VIDEO_CONNECTOR_PREFIX
     config = read_checkpoint_config(path).get("transformer", {})
     state = load_prefixed_state(path, prefix)
@@ -356,7 +351,7 @@ def load_text_projection(path, hidden_size, *, device="cpu", dtype=torch.float32
     LTX-2.3 files hold `audio_aggregate_embed` and `video_aggregate_embed` (stream "video"), LTX-2.0
     files `aggregate_embed`; the version follows from which is present.
     """
-    _check_file(path)
+    check_file(path)
     other = "audio_" if _stream(stream) == "video" else "video_"
     state = load_prefixed_state(path, PROJECTION_PREFIX, keep=lambda k: not k.startswith(other))
     for name, version in ((f"{stream}_aggregate_embed", "2.3"), ("aggregate_embed", "2.0")):

@@ -46,9 +46,6 @@ import speaker as speaker_lib
 import text as text_lib
 from config import config_dict, format_config, load_config, run_cli
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
 # -----------------------------------------------------------------------------------------------
 # distributed, by hand
 
@@ -204,7 +201,7 @@ def build(cfg, device, example, with_audio=True):
     In `av` mode the DiT is the joint audio-video model and a video text connector joins the audio
     one; with_audio=False (a dataset without audio) creates no audio or cross-modal adapters.
     """
-    param_dtype = DTYPES[cfg.param_dtype]
+    param_dtype = files.DTYPES[cfg.param_dtype]
     latent_dim = example["audio_x0" if cfg.av else "x0"].shape[-1]
     text_dim = example["text"].shape[-1]
     if cfg.av and cfg.stage != "lora":
@@ -821,7 +818,8 @@ def main(argv=None):
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
     balancer = (losses.EMABalancer(cfg.balancer_target, cfg.balancer_decay, cfg.balancer_min, cfg.balancer_max)
                 if cfg.av and cfg.audio_balancer else None)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=files.DTYPES[cfg.dtype]) if cfg.dtype != "fp32"
+                else contextlib.nullcontext())
     step, best_val = 0, float("inf")
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, trainable, cfg)

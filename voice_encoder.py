@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SAMPLE_RATE = 16000
+from audio import SAMPLE_RATE  # a constant only: this evaluation tool stays apart from training
+
 N_FFT, HOP, N_MELS = 400, 160, 40  # 25 ms window, 10 ms hop
 PARTIAL_FRAMES = 160  # 1.6 s per partial window
 PARTIALS_PER_SECOND = 1.3  # the package's default rate: a new partial every 77 frames

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import files  # noqa: E402
 import peak_rss  # noqa: E402
 import timing  # noqa: E402
 import losses  # noqa: E402
@@ -69,7 +70,7 @@ class Bench:
         self.parts = train.build(cfg, torch.device("cpu"), self.batch)
         self.params = [p for _, p in self.parts["trainable"]]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr)
-        self.autocast = torch.autocast("cpu", dtype=train.DTYPES[cfg.dtype])
+        self.autocast = torch.autocast("cpu", dtype=files.DTYPES[cfg.dtype])
         self.fired = []
 
     def step(self, variant):

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import files  # noqa: E402
 import peak_rss  # noqa: E402
 import timing  # noqa: E402
 import lora  # noqa: E402
@@ -55,7 +56,7 @@ def build_parts(cfg, args, with_lora):
     """train.build's stage-1 assembly at a benchmark-sized DiT (train.build only knows the presets):
     frozen DiT + a 2-layer text connector of the DiT's width (the 2.3 block modulates the text with
     a D-wide table, so text width = D) in param_dtype, LoRA injected after seeding as train.build."""
-    param_dtype = train.DTYPES[cfg.param_dtype]
+    param_dtype = files.DTYPES[cfg.param_dtype]
     torch.manual_seed(cfg.seed)
     dit_cfg = model_lib.DiTConfig(num_layers=args.layers, heads=args.dim // 64, head_dim=64,
                                   cross_attention_dim=args.dim)

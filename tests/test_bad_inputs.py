@@ -284,7 +284,7 @@ ARTEFACT_CASES = {  # case -> (entry point, argv with {d} for the artefact dir, 
     "ref_missing": (sample.main, ["--ckpt", "{d}/dit.safetensors", "--ref", "{d}/nope.wav", "--ref_mode", "tokens",
                                   "--prompt", "hi"], 1, "nope.wav: file not found"),
     "ckpt_missing": (merge.main, ["--ckpt", "{d}/nope.safetensors", "--lora", "{d}/lora.safetensors",
-                                  "--out", "{d}/out.safetensors"], 1, "nope.safetensors: no such file"),
+                                  "--out", "{d}/out.safetensors"], 1, "nope.safetensors: file not found"),
 }
 
 

@@ -43,7 +43,7 @@ def test_shift_for_tokens():
     assert losses.shift_for_tokens(1024) == pytest.approx(0.95)
     assert losses.shift_for_tokens(4096) == pytest.approx(2.05)
     assert losses.shift_for_tokens(2560) == pytest.approx(1.5)
-    assert losses.shift_for_tokens(8192) == pytest.approx(2.05)  # capped as in ltx-trainer
+    assert losses.shift_for_tokens(8192) == pytest.approx(0.95 + 7168 * 1.1 / 3072)  # no cap, as ltx-trainer
     assert losses.shift_for_tokens(250) == pytest.approx(0.95 - 774 * 1.1 / 3072)  # 10 s of audio
 
 
@@ -65,8 +65,9 @@ def test_sigma_sampler_follows_the_reference_law(n_tokens):
 def test_sigma_mean_rises_with_token_count():
     means = [losses.sample_sigma(50_000, n, generator=torch.Generator().manual_seed(1)).mean().item()
              for n in (250, 1024, 2560, 4096, 8192)]
-    assert means[0] < means[1] < means[2] < means[3]
-    assert means[3] == pytest.approx(means[4])  # capped at 4096 tokens
+    assert means[0] < means[1] < means[2] < means[3] < means[4]  # no cap at 4096 tokens, as ltx-trainer
+    with pytest.raises(ValueError, match="100000 tokens"):
+        losses.sample_sigma(4, 100_000)
 
 
 def test_sigma_modes_and_determinism():
