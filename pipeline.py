@@ -302,16 +302,14 @@ def ge2e_report(cfg, p, samples):
 
 
 def read_wav(path):
-    """A wav file as a mono float32 tensor (N,) at the judge's 16 kHz."""
+    """A wav file as a mono float32 tensor (N,) at the judges' 16 kHz."""
     import soundfile as sf
     import torch
-    import torchaudio.functional as AF
 
-    import judge as judge_lib
+    import audio
 
     data, rate = sf.read(path, dtype="float32", always_2d=True)
-    wav = torch.from_numpy(data.mean(1))
-    return wav if rate == judge_lib.SAMPLE_RATE else AF.resample(wav, rate, judge_lib.SAMPLE_RATE)
+    return audio.resample(torch.from_numpy(data.mean(1)), rate, audio.SAMPLE_RATE)
 
 
 STEP_FUNCTIONS = {"corpus": step_corpus, "prepare": step_prepare, "base": train_stage("base", None),
