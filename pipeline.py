@@ -338,10 +338,11 @@ def summarize(cfg, p, times):
                      " MLP = log-mel judge")
         lines.append(f"  {'':<13} {'GE2E seen':>22} {'GE2E unseen':>22} {'MLP seen':>22}")
         ge2e = judge.get("ge2e", {})
+        cell = lambda r, chance: f"{r['accuracy']:.3f} ({r['accuracy'] / chance:.1f}x) {r['margin']:+.3f}" if r else "-"
         for v in ("real_val",) + VARIANTS:
-            cells = [ge2e.get("seen", {}).get(v), ge2e.get("unseen", {}).get(v), judge.get(v)]
-            cells = [f"{r['accuracy']:.3f} ({r['accuracy'] * (1 / r['chance'] if 'chance' in r else len(judge['speakers'])):.1f}x) "
-                     f"{r['margin']:+.3f}" if r else "-" for r in cells]
+            seen, unseen = ge2e.get("seen", {}).get(v), ge2e.get("unseen", {}).get(v)
+            cells = [cell(seen, seen and seen["chance"]), cell(unseen, unseen and unseen["chance"]),
+                     cell(judge.get(v), judge["chance"])]
             lines.append(f"  {v:<13} " + " ".join(f"{c:>22}" for c in cells))
     if p["report"].is_file():
         lines.append(f"  report: {p['report']}")
