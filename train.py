@@ -154,6 +154,35 @@ class MasterWeights:
             p.copy_(m, non_blocking=True)
 
 
+def make_optimizer(cfg, params):
+    """(fp32 masters or None, AdamW): with low-precision params and `master_weights` the optimizer
+    steps fp32 copies of them; otherwise the params themselves."""
+    low_precision = params[0].dtype != torch.float32
+    masters = MasterWeights(params, offload=cfg.offload_masters) if low_precision and cfg.master_weights else None
+    opt_params = masters.masters if masters is not None else params
+    optimizer = torch.optim.AdamW(opt_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return masters, optimizer
+
+
+def optimizer_step(optimizer, params, masters, grad_clip, check=None):
+    """One update from the accumulated (and all-reduced) gradients of `params`: gradients into the
+    fp32 masters (when any), their global norm clipped to `grad_clip`, `check(grad_norm)` before
+    anything changes (the NaN guard raises there), the AdamW step, every gradient cleared, and the
+    updated masters rounded back into `params`. Returns the norm before clipping."""
+    if masters is not None:
+        masters.grads_to_masters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(masters.masters if masters is not None else params, grad_clip)
+    if check is not None:
+        check(grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+    if masters is not None:
+        masters.masters_to_params()
+    return grad_norm
+
+
 SNAPSHOT_ELEMENTS = 4096  # per tensor: enough to tell 0% from 0.1% changed, tiny next to the tensor
 
 
@@ -343,6 +372,30 @@ def micro_loss(cfg, parts, batch, gen, autocast, aux):
     return total, logs
 
 
+def micro_step(cfg, parts, batch, gen, autocast, scale, aux=None, balancer=None):
+    """Forward and backward of one micro-batch, audio or audio-video: the gradients of its loss times
+    `scale` (1/grad_accum) are added to the params' .grad; returns its logs. Both modes keep this
+    contract (`audio_micro_step`, `av_micro_step`)."""
+    if cfg.av:
+        w_audio = balancer.weight if balancer is not None else cfg.audio_weight
+        return av_micro_step(cfg, parts, batch, gen, autocast, w_audio, scale)
+    return audio_micro_step(cfg, parts, batch, gen, autocast, aux, scale)
+
+
+def audio_micro_step(cfg, parts, batch, gen, autocast, aux, scale):
+    """Forward and backward of one audio micro-batch (`micro_loss` times `scale`); returns its logs."""
+    loss, logs = micro_loss(cfg, parts, batch, gen, autocast, aux)
+    (loss * scale).backward()
+    return logs
+
+
+def batch_tokens(cfg, batch):
+    """Tokens a micro-batch trains on (for tok/s): target audio tokens, plus every video token in av mode."""
+    if cfg.av:
+        return int(batch["audio_mask"].sum()) + batch["video_x0"].shape[0] * batch["video_x0"].shape[1]
+    return int(batch["loss_mask"].sum())
+
+
 def global_mean(values, world, device):
     """Mean of a list of scalar tensors over this rank's micro-batches and all ranks (None if no
     rank has any). Every rank must call it, in the same order."""
@@ -350,6 +403,21 @@ def global_mean(values, world, device):
     if world > 1:
         dist.all_reduce(acc)
     return (acc[0] / acc[1]).item() if acc[1] > 0 else None
+
+
+def update_loss_weights(aux, balancer, logs_all, world, device):
+    """The stage-2 adaptive coefficients and the AV audio balancer see the step's losses averaged over
+    all micro-batches of all ranks (collectives: every rank calls it)."""
+    if aux is not None:
+        flow = global_mean([l["flow"] for l in logs_all], world, device)
+        means = {k: global_mean([l[f"aux_{k}"] for l in logs_all if f"aux_{k}" in l], world, device)
+                 for k in aux.coefs.ratios}
+        aux.coefs.update(flow, {k: v for k, v in means.items() if v is not None})
+    if balancer is not None:
+        loss_video = global_mean([l["loss_video"] for l in logs_all], world, device)
+        loss_audio = global_mean([l["loss_audio"] for l in logs_all if "loss_audio" in l], world, device)
+        if loss_audio is not None:
+            balancer.update(loss_video, loss_audio)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -594,6 +662,49 @@ def load_checkpoint(path, trainable, cfg):
     return ckpt
 
 
+def save_checkpoint(path, cfg, step, best_val, trainable, masters, stateful, rank, world):
+    """Write the checkpoint of `step` (rank 0; every rank's RNG state gathered first): the trainable
+    weights (fp32 masters when they exist), the state_dict of each of `stateful` (optimizer, data
+    sampler, stage-2 coefficients, AV balancer; None when absent) and the RNGs. Mirrored by
+    `resume_checkpoint`."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank != 0:
+        return
+    state = trainable_state(trainable, masters)
+    files.check_finite(state, path)  # never replace the last good checkpoint with a diverged one
+    saved = {k: v.state_dict() if v is not None else None for k, v in stateful.items()}
+    atomic_save({"step": step, "config": config_dict(cfg), "trainable": state, "optimizer": saved["optimizer"],
+                 "data": saved["data"], "rng": rngs, "aux": saved["aux"], "balancer": saved["balancer"],
+                 "best_val": best_val, "git": git_hash()}, path)
+
+
+def resume_checkpoint(path, cfg, trainable, masters, stateful, rank):
+    """Restore what `save_checkpoint` wrote, in place: the trainable weights (into the masters and,
+    rounded, the params), each of `stateful`, this rank's RNGs; rank 0 trims metrics.jsonl to the
+    checkpoint's step (the steps after it run again). Returns (step, best_val)."""
+    ckpt = load_checkpoint(path, trainable, cfg)
+    state = ckpt["trainable"]
+    with torch.no_grad():
+        for (name, p), t in zip(trainable, masters.masters if masters is not None else [p for _, p in trainable]):
+            t.copy_(state[name])
+    if masters is not None:
+        masters.masters_to_params()
+    for k, v in stateful.items():
+        if v is not None:
+            v.load_state_dict(ckpt[k])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    step, best_val = ckpt["step"], ckpt["best_val"]
+    del ckpt, state  # at full size gigabytes of host memory, restored into place by now
+    if rank == 0:
+        trim_metrics(os.path.join(os.path.dirname(path), "metrics.jsonl"), step)
+        print(f"resumed from {path} at step {step}")
+    return step, best_val
+
+
 def check_finite_step(step, loss, grad_norm, ckpt_path, saved_step):
     """Stop the run before the update of `step` if its loss or gradient norm is NaN / Inf: the
     weights are still those of the last finite step, the checkpoint on disk (of `saved_step`, None
@@ -767,6 +878,80 @@ def validate(cfg, parts, val_set, device, autocast, aux=None):
     return out
 
 
+# -----------------------------------------------------------------------------------------------
+# the run: its directory, its data, stopping, validation records
+
+
+def start_run_dir(cfg, run_dir, world, grad_accum, device):
+    """Rank 0, before training: the run directory made and cleaned, the header printed and config.json written."""
+    os.makedirs(run_dir, exist_ok=True)
+    clean_run_dir(cfg, run_dir)
+    header = {"command": " ".join(sys.argv), "git": git_hash(), "torch": torch.__version__,
+              "world": world, "grad_accum": grad_accum, "device": str(device)}
+    print(json.dumps(header))
+    print(format_config(cfg))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**header, "config": config_dict(cfg)}, f, indent=1)
+
+
+def load_data(cfg, master):
+    """(train set, val set or None, a one-item example batch that sizes the model): the prepared cache,
+    or in av mode the ltx-trainer precomputed directory (no validation set)."""
+    if not cfg.av:
+        train_set = data.load_cached(cfg, cfg.manifest, split="train")
+        val_set = data.load_cached(cfg, cfg.val_manifest, split="val") if cfg.val_manifest else None
+        return train_set, val_set, data.collate(train_set, [0], cfg, epoch=0, step=0)
+    train_set = data.PrecomputedDataset(cfg.precomputed, cfg, require_audio=False)
+    report = train_set.report
+    if master:
+        print(f"{train_set.root}: {report['with_audio']} samples with audio, {report['without_audio']} without "
+              f"({cfg.audio_free} mode)" + ("" if report["with_audio"] > 0
+                                            else "; no audio at all: no audio or cross-modal adapters"))
+    first = next((i for i, x in enumerate(train_set.samples) if x["audio"] is not None), None)
+    width = (train_set.load(first)["audio"].shape[1] if first is not None
+             else model_lib.PRESETS[cfg.model].in_channels)  # only sizes a preset model (no ckpt)
+    return train_set, None, data.collate_av(train_set, [first or 0], cfg, width)
+
+
+def collate_fn(cfg, train_set, parts):
+    """collate(indices, epoch, step) -> the micro-batch of those items of `train_set` (av: audio padded
+    to the built DiT's latent width)."""
+    if cfg.av:
+        return lambda idx, epoch, step: data.collate_av(train_set, idx, cfg, parts["dit"].cfg.in_channels)
+    return lambda idx, epoch, step: data.collate(train_set, idx, cfg, epoch=epoch, step=step)
+
+
+def stop_requested(stop, run_dir, world, device):
+    """True on every rank when any rank got SIGTERM (`stop["flag"]`) or the run directory holds a STOP file."""
+    stopping = stop["flag"] or os.path.exists(os.path.join(run_dir, "STOP"))
+    if world > 1:
+        flag = torch.tensor([float(stopping)], device=device)
+        dist.all_reduce(flag)
+        stopping = flag.item() > 0
+    return stopping
+
+
+def validate_and_log(cfg, step, best_val, parts, val_set, device, autocast, aux, masters, run_dir, init, metrics):
+    """Rank 0: the held-out metrics of `step` (`validate`) as a metrics.jsonl line, with the freeze
+    alarm's weight change and, on a new best score, the `_best` deliverable. Returns the best score."""
+    val = validate(cfg, parts, val_set, device, autocast, aux)
+    if not val:
+        return best_val
+    trainable = parts["trainable"]
+    record = {"step": step, **{k: round(v, 6) for k, v in val.items()}}
+    score = -val["val_spk_sim"] if cfg.best_by == "val_spk_sim" else val["val_loss"]
+    if score < best_val:
+        best_val = score
+        record["best"] = True
+        record["best_path"] = export_weights(cfg, parts, trainable, masters, run_dir, tag="_best")
+    record["weights"] = weight_change(trainable if masters is None else
+                                      list(zip([n for n, _ in trainable], masters.masters)), init)
+    print(json.dumps(record))
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    return best_val
+
+
 def main(argv=None):
     cfg = load_config(argv)
     run_dir, ckpt_path = preflight(cfg)
@@ -774,162 +959,61 @@ def main(argv=None):
     master = rank == 0
     grad_accum = grad_accum_steps(cfg, world)
     if master:
-        os.makedirs(run_dir, exist_ok=True)
-        clean_run_dir(cfg, run_dir)
-        header = {"command": " ".join(sys.argv), "git": git_hash(), "torch": torch.__version__,
-                  "world": world, "grad_accum": grad_accum, "device": str(device)}
-        print(json.dumps(header))
-        print(format_config(cfg))
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**header, "config": config_dict(cfg)}, f, indent=1)
-
-    if cfg.av:
-        train_set = data.PrecomputedDataset(cfg.precomputed, cfg, require_audio=False)
-        val_set = None
-        with_audio = train_set.report["with_audio"] > 0
-        if master:
-            print(f"{train_set.root}: {train_set.report['with_audio']} samples with audio, "
-                  f"{train_set.report['without_audio']} without ({cfg.audio_free} mode)"
-                  + ("" if with_audio else "; no audio at all: no audio or cross-modal adapters"))
-        first = next((i for i, x in enumerate(train_set.samples) if x["audio"] is not None), None)
-        width = (train_set.load(first)["audio"].shape[1] if first is not None
-                 else model_lib.PRESETS[cfg.model].in_channels)  # only sizes a preset model (no ckpt)
-        example = data.collate_av(train_set, [first or 0], cfg, width)
-        collate = lambda idx, epoch, step: data.collate_av(train_set, idx, cfg, parts["dit"].cfg.in_channels)
-    else:
-        train_set = data.load_cached(cfg, cfg.manifest, split="train")
-        val_set = data.load_cached(cfg, cfg.val_manifest, split="val") if cfg.val_manifest else None
-        with_audio = True
-        collate = lambda idx, epoch, step: data.collate(train_set, idx, cfg, epoch=epoch, step=step)
-        example = collate([0], 0, 0)
+        start_run_dir(cfg, run_dir, world, grad_accum, device)
+    train_set, val_set, example = load_data(cfg, master)
     sampler = data.BatchSampler(train_set, cfg.global_batch, seed=cfg.seed, source_weights=cfg.sources)
-    parts = build(cfg, device, example, with_audio=with_audio)
+    parts = build(cfg, device, example, with_audio=not cfg.av or train_set.report["with_audio"] > 0)
+    collate = collate_fn(cfg, train_set, parts)
     trainable = parts["trainable"]
     params = [p for _, p in trainable]
+    if master and cfg.stage == "lora":
+        print(lora.lora_table(parts["dit"]))
     if master:
-        if cfg.stage == "lora":
-            print(lora.lora_table(parts["dit"]))
         print(f"stage {cfg.stage}: {sum(p.numel() for p in params):,} trainable parameters")
     broadcast_params(params, world)
-    low_precision = params[0].dtype != torch.float32
-    masters = MasterWeights(params, offload=cfg.offload_masters) if low_precision and cfg.master_weights else None
-    opt_params = masters.masters if masters is not None else params
-    optimizer = torch.optim.AdamW(opt_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    masters, optimizer = make_optimizer(cfg, params)
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
     balancer = (losses.EMABalancer(cfg.balancer_target, cfg.balancer_decay, cfg.balancer_min, cfg.balancer_max)
                 if cfg.av and cfg.audio_balancer else None)
     autocast = (torch.autocast(device.type, dtype=files.DTYPES[cfg.dtype]) if cfg.dtype != "fp32"
                 else contextlib.nullcontext())
+    stateful = {"optimizer": optimizer, "data": sampler, "aux": aux.coefs if aux is not None else None,
+                "balancer": balancer}  # what a checkpoint holds besides weights, step and RNGs
     step, best_val = 0, float("inf")
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, trainable, cfg)
-        state = ckpt["trainable"]
-        with torch.no_grad():
-            for (name, p), t in zip(trainable, opt_params):
-                t.copy_(state[name])
-        if masters is not None:
-            masters.masters_to_params()
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["data"])
-        if aux is not None:
-            aux.coefs.load_state_dict(ckpt["aux"])
-        if balancer is not None:
-            balancer.load_state_dict(ckpt["balancer"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        del ckpt, state  # at full size gigabytes of host memory, restored into place by now
-        if master:
-            trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)  # the steps after it run again
-            print(f"resumed from {ckpt_path} at step {step}")
+        step, best_val = resume_checkpoint(ckpt_path, cfg, trainable, masters, stateful, rank)
     saved_step = step if cfg.resume else None  # the step of the checkpoint on disk
     init = weight_snapshot(trainable) if master else None
-
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
-
-    def save(step):
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if master:
-            state = trainable_state(trainable, masters)
-            files.check_finite(state, ckpt_path)  # never replace the last good checkpoint with a diverged one
-            atomic_save({"step": step, "config": config_dict(cfg), "trainable": state,
-                         "optimizer": optimizer.state_dict(), "data": sampler.state_dict(), "rng": rngs,
-                         "aux": aux.coefs.state_dict() if aux is not None else None,
-                         "balancer": balancer.state_dict() if balancer is not None else None, "best_val": best_val,
-                         "git": git_hash()}, ckpt_path)
 
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = sampler.next_batch()  # the same global batch on every rank
         logs_all, n_tokens = [], 0
+        indices = sampler.next_batch()  # the same global batch on every rank
         for m, micro in enumerate(data.micro_batches(indices, cfg.micro_batch, rank, world)):
-            g = rank * grad_accum + m  # global micro-batch index: seeds this micro-batch's σ and noise
             batch = data.to_device(collate(micro, sampler.epoch, step), device)
-            gen = micro_generator(cfg, step, g)
-            if cfg.av:
-                w_audio = balancer.weight if balancer is not None else cfg.audio_weight
-                logs = av_micro_step(cfg, parts, batch, gen, autocast, w_audio, 1 / grad_accum)
-                n_tokens += int(batch["audio_mask"].sum()) + batch["video_x0"].shape[0] * batch["video_x0"].shape[1]
-            else:
-                loss, logs = micro_loss(cfg, parts, batch, gen, autocast, aux)
-                (loss / grad_accum).backward()
-                n_tokens += int(batch["loss_mask"].sum())
-            logs_all.append(logs)
+            gen = micro_generator(cfg, step, rank * grad_accum + m)  # seeded by the global micro-batch index
+            logs_all.append(micro_step(cfg, parts, batch, gen, autocast, 1 / grad_accum, aux, balancer))
+            n_tokens += batch_tokens(cfg, batch)
         allreduce_grads(params, world)
-        # balancer EMAs see the step's losses averaged over all micro-batches of all ranks
-        if aux is not None:
-            flow = global_mean([l["flow"] for l in logs_all], world, device)
-            means = {k: global_mean([l[f"aux_{k}"] for l in logs_all if f"aux_{k}" in l], world, device)
-                     for k in aux.coefs.ratios}
-            aux.coefs.update(flow, {k: v for k, v in means.items() if v is not None})
-        if balancer is not None:
-            loss_video = global_mean([l["loss_video"] for l in logs_all], world, device)
-            loss_audio = global_mean([l["loss_audio"] for l in logs_all if "loss_audio" in l], world, device)
-            if loss_audio is not None:
-                balancer.update(loss_video, loss_audio)
-        if masters is not None:
-            masters.grads_to_masters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(opt_params, cfg.grad_clip)
-        check_finite_step(step + 1, global_mean([l["flow"] for l in logs_all], world, device), grad_norm,
-                          ckpt_path, saved_step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:
-            p.grad = None
-        if masters is not None:
-            masters.masters_to_params()
+        update_loss_weights(aux, balancer, logs_all, world, device)
+        flow = global_mean([l["flow"] for l in logs_all], world, device)
+        grad_norm = optimizer_step(optimizer, params, masters, cfg.grad_clip, check=lambda norm: check_finite_step(
+            step + 1, flow, norm, ckpt_path, saved_step))
         step += 1
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             log_step(cfg, step, lr, grad_norm, logs_all, n_tokens * world, t0, device, metrics)
-        stopping = stop["flag"] or os.path.exists(os.path.join(run_dir, "STOP"))
-        if world > 1:
-            flag = torch.tensor([float(stopping)], device=device)
-            dist.all_reduce(flag)
-            stopping = flag.item() > 0
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
-            val = validate(cfg, parts, val_set, device, autocast, aux) if master else {}
-            if val:
-                record = {"step": step, **{k: round(v, 6) for k, v in val.items()}}
-                score = -val["val_spk_sim"] if cfg.best_by == "val_spk_sim" else val["val_loss"]
-                if score < best_val:
-                    best_val = score
-                    record["best"] = True
-                    record["best_path"] = export_weights(cfg, parts, trainable, masters, run_dir, tag="_best")
-                record["weights"] = weight_change(trainable if masters is None else
-                                                  list(zip([n for n, _ in trainable], masters.masters)), init)
-                print(json.dumps(record))
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+        stopping = stop_requested(stop, run_dir, world, device)
+        if master and (step % cfg.val_every == 0 or step == cfg.max_steps):
+            best_val = validate_and_log(cfg, step, best_val, parts, val_set, device, autocast, aux, masters,
+                                        run_dir, init, metrics)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
-            save(step)
+            save_checkpoint(ckpt_path, cfg, step, best_val, trainable, masters, stateful, rank, world)
             saved_step = step
         if stopping:
             if master:

@@ -166,15 +166,7 @@ def one_step(cfg, parts, batch, out_dir):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     loss, _ = train.micro_loss(cfg, parts, batch, train.micro_generator(cfg, 0, 0), autocast, None)
     loss.backward()
-    if masters is not None:
-        masters.grads_to_masters()
-    torch.nn.utils.clip_grad_norm_(opt_params, cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
-        p.grad = None
-    if masters is not None:
-        masters.masters_to_params()
+    train.optimizer_step(optimizer, params, masters, cfg.grad_clip)
     train.weight_change(trainable if masters is None else list(zip([n for n, _ in trainable], masters.masters)), init)
     if cfg.stage == "lora":  # at stage 2 the checkpoint is 5.5 GB of disk writes: not part of this run
         path = os.path.join(out_dir, "checkpoint.pt")
