@@ -46,14 +46,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 import files
-from audio import SAMPLE_RATE, resample
+from audio import REF_PEAK, SAMPLE_RATE, resample
 from codec import to_channels
-from model import PRESETS, audio_positions, video_positions
+from encoders import load_models  # the codec, text encoder and speaker extractors the cache is made with
+from model import audio_positions, video_positions
 from text import left_pad_features
 
 CACHE_VERSION = 2  # bump when the layout of a cache entry changes
 SILENT_PEAK = 1e-4  # a clip whose peak is below -80 dBFS is treated as silent (no usable speech)
-REF_PEAK = 10 ** (-4.0 / 20)  # speaker features see references peak-normalised to -4 dBFS (DramaBox)
 MANIFEST_KEYS = {"audio", "text", "speaker", "ref_audio", "source", "id"}
 MODES = ("forward", "reverse", "uncond")
 
@@ -200,28 +200,6 @@ def file_stamp(path):
 # prepare: manifest -> cache
 
 
-def load_models(cfg, device):
-    """Build the codec, text encoder and speaker extractors named by `cfg`, plus their fingerprints."""
-    from codec import codec_fingerprint, codec_from_config
-    from text import build_text_encoder, text_fingerprint
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    codec = codec_from_config(cfg).to(device).eval()
-    # the official projection comes from the checkpoint; without one it is random (seeded) with the
-    # width the preset's audio_attn2 expects
-    text_ckpt = cfg.text_ckpt or cfg.ckpt
-    text_encoder = build_text_encoder(cfg.text_encoder, max_text_len=cfg.max_text_len, device=device, dtype=dtype,
-                                      seed=cfg.seed, ckpt=text_ckpt,
-                                      dim=None if text_ckpt else PRESETS[cfg.model].cross_attention_dim)
-    speaker = None
-    if cfg.speaker_extractors:
-        from speaker import build_speaker_extractors
-        speaker = build_speaker_extractors(cfg.speaker_extractors, cfg.speaker_paths, device)
-    fingerprints = {"codec": codec_fingerprint(codec), "text": text_fingerprint(text_encoder),
-                    "speaker": speaker.fingerprint() if speaker is not None else ""}
-    return codec, text_encoder, speaker, fingerprints
-
-
 def settings_hash(cfg, codec, fingerprints):
     """Hash of everything that determines the content of a cache entry (not which items pass)."""
     settings = {"version": CACHE_VERSION, "codec": cfg.codec, "codec_ckpt": cfg.codec_ckpt,
@@ -255,7 +233,8 @@ def check_cache_settings(cfg, cache_dir):
     if recorded is None:
         raise ValueError(f"{index_path}: the cache does not record the settings it was made with; re-run "
                          "`python data.py prepare` with this config (it reuses every entry still valid)")
-    ignored = () if cfg.stage == "adaln" else ("speaker_extractors", "speaker_paths")  # only stage 2 reads them
+    reads_speaker = cfg.stage == "adaln" or (cfg.stage == "lora" and cfg.lora_speaker)
+    ignored = () if reads_speaker else ("speaker_extractors", "speaker_paths")  # only the speaker path reads them
     differ = [f"{k}={recorded[k]!r} (this run: {getattr(cfg, k)!r})" for k in sorted(recorded)
               if k not in ignored and hasattr(cfg, k) and recorded[k] != getattr(cfg, k)]
     if differ:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from files import check_file, load_prefixed_state, read_checkpoint_config
-from model import Attention, FeedForward, rms_norm, split_rope
+from layers import Attention, FeedForward, rms_norm, split_rope
 
 # Connector sizes for a randomly initialised connector, keyed like model.PRESETS: its width
 # heads*head_dim must be the DiT's text width (cross_attention_dim, or caption_channels for 2.0).

@@ -24,6 +24,7 @@ HOMES = {
     "the sigma shift": (r"^\s*def \w*shift_for_tokens\(", {"losses"}),
     "the wav + sidecar writer": (r"\.with_suffix\(\"\.json\"\)\.write_text|splitext\(.*\)\[0\] \+ \"\.json\"",
                                  {"audio"}),
+    "the reference peak": (r"^\s*REF_PEAK\s*=", {"audio"}),
 }
 
 
@@ -55,6 +56,6 @@ def test_each_concept_has_one_home():
 
 def test_the_home_check_catches_a_second_definition():
     planted = ["SAMPLE_RATE = 16000", "DTYPES = {}", "def _resample(wav, a, b):", "def _check_file(path):",
-               "def shift_for_tokens(n):", 'Path(p).with_suffix(".json").write_text(s)']
+               "def shift_for_tokens(n):", 'Path(p).with_suffix(".json").write_text(s)', "REF_PEAK = 0.63"]
     for (concept, (pattern, _)), line in zip(HOMES.items(), planted):
         assert re.search(pattern, line), concept
