@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import codec as codec_lib  # noqa: E402
+import duration  # noqa: E402
 import model as model_lib  # noqa: E402
-import sample as sample_lib  # noqa: E402
+import sampler  # noqa: E402
 import timing  # noqa: E402
 import speaker as speaker_lib  # noqa: E402
 import text as text_lib  # noqa: E402
@@ -82,7 +83,7 @@ def run(stack, probe, batch, steps, seconds, guidance):
     ref = 0.1 * torch.randn(1, 3 * codec.sample_rate, generator=torch.Generator().manual_seed(1))
     probe.reset()
     t0 = time.perf_counter()
-    wavs = sample_lib.sample(model, codec, text_encoder, connector, [PROMPT] * batch, seeds=list(range(batch)),
+    wavs = sampler.sample(model, codec, text_encoder, connector, [PROMPT] * batch, seeds=list(range(batch)),
                              ref_wavs=[ref] * batch, ref_mode="adaln", adaln=adaln, speaker=speaker, steps=steps,
                              rescale=0.0, duration=seconds, batch_size=batch, progress=False, **guidance)
     wall = time.perf_counter() - t0
@@ -105,7 +106,7 @@ def main():
     stack = build()
     probe = ForwardProbe(stack[0])
     print(f"config: tiny DiT ({sum(p.numel() for p in stack[0].parameters()):,} params, fp32), mel codec "
-          f"(Griffin-Lim 16 iters), {args.seconds:g} s clips ({sample_lib.n_latent_tokens(args.seconds)} tokens), "
+          f"(Griffin-Lim 16 iters), {args.seconds:g} s clips ({duration.n_latent_tokens(args.seconds)} tokens), "
           f"{steps} Euler steps, ref_mode adaln, {rounds} paired rounds; torch {torch.__version__}, "
           f"torch.set_num_threads({args.threads})")
     load0, t_start = timing.load(), time.perf_counter()
@@ -121,7 +122,7 @@ def main():
         cond = [r[4] for r in results["cond"][1:]]  # [1:]: the warm-up call
         for name, g in GUIDANCE.items():
             runs = results[name][1:]
-            passes = len(sample_lib._guidance_passes(g["cfg"], g["stg"], g["spk_cfg"], True))
+            passes = len(sampler._guidance_passes(g["cfg"], g["stg"], g["spk_cfg"], True))
             for wall, audio, calls, batches, step_s in runs:
                 if calls != steps or batches != [passes * B]:
                     bad.append(f"B={B} {name}: {calls} forwards for {steps} steps, batches {batches}")

@@ -29,6 +29,7 @@ import lora  # noqa: E402
 import merge  # noqa: E402
 import model as M  # noqa: E402
 import sample  # noqa: E402
+import sampler  # noqa: E402
 from config import run_cli  # noqa: E402
 
 RECORD = ROOT / "records" / "2026-11-29_bad_inputs.md"
@@ -302,10 +303,10 @@ def test_generated_nan_is_never_written(artefacts):
     sample() raise before any WAV exists."""
     x0 = torch.zeros(1, 4, 16)
     with pytest.raises(ValueError, match="hold NaN / Inf.*nothing written"):
-        sample.check_generated(x0, torch.full((1, 1, 100), float("nan")))
+        sampler.check_generated(x0, torch.full((1, 1, 100), float("nan")))
     with pytest.raises(ValueError, match="constant 1.000 .DC"):
-        sample.check_generated(x0, torch.ones(1, 1, 100))
-    sample.check_generated(x0, torch.randn(1, 1, 100))
+        sampler.check_generated(x0, torch.ones(1, 1, 100))
+    sampler.check_generated(x0, torch.randn(1, 1, 100))
 
 
 def test_one_line_and_exit_status_from_the_real_command(artefacts):

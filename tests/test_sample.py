@@ -18,7 +18,10 @@ from ltx_core.model.transformer.modality import Modality
 from ltx_core.model.transformer.model import LTXModel, LTXModelType, X0Model
 from ltx_core.model.transformer.rope import LTXRopeType
 
+import duration
+import reference
 import sample
+import sampler
 from model import PRESETS, AudioDiT
 
 F_LAT = PRESETS["micro"].in_channels  # 16 features per token in the micro preset
@@ -33,7 +36,7 @@ F_LAT = PRESETS["micro"].in_channels  # 16 features per token in the micro prese
 def test_sigmas_equal_ltx2_scheduler(steps, n_tokens):
     latent = None if n_tokens is None else torch.zeros(1, 1, n_tokens)  # tokens = prod(shape[2:])
     want = LTX2Scheduler().execute(steps=steps, latent=latent)
-    got = sample.ltx2_sigmas(steps, n_tokens)
+    got = sampler.ltx2_sigmas(steps, n_tokens)
     assert got.dtype == torch.float32 and got.shape == (steps + 1,)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-7)
     assert got[-1] == 0
@@ -47,12 +50,12 @@ def test_sigmas_dramabox_token_count():
     whatever T is: its 'real count' is always 128 tokens (shift ~0.63)."""
     for T in (100, 400):
         want = LTX2Scheduler().execute(steps=30, latent=torch.zeros(1, T, 128))
-        torch.testing.assert_close(sample.ltx2_sigmas(30, sample.DRAMABOX_SHIFT_TOKENS), want, rtol=0, atol=2e-7)
+        torch.testing.assert_close(sampler.ltx2_sigmas(30, sampler.DRAMABOX_SHIFT_TOKENS), want, rtol=0, atol=2e-7)
 
 
 def test_sigmas_fixed_shift_and_no_stretch():
     want = LTX2Scheduler().execute(steps=12, max_shift=1.3, base_shift=1.3, stretch=False)
-    torch.testing.assert_close(sample.ltx2_sigmas(12, shift=1.3, stretch_to=None), want, rtol=0, atol=2e-7)
+    torch.testing.assert_close(sampler.ltx2_sigmas(12, shift=1.3, stretch_to=None), want, rtol=0, atol=2e-7)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ def test_guided_x0_equals_reference_guider(cfg, stg, spk, rescale):
     c, u, p, m = (torch.randn(3, 40, 16, generator=g) for _ in range(4))
     guider = MultiModalGuider(MultiModalGuiderParams(cfg_scale=cfg, stg_scale=stg, rescale_scale=rescale,
                                                      modality_scale=spk))
-    got = sample.guided_x0(c, u, p, m, cfg=cfg, stg=stg, spk_cfg=spk, rescale=rescale)
+    got = sampler.guided_x0(c, u, p, m, cfg=cfg, stg=stg, spk_cfg=spk, rescale=rescale)
     for b in range(3):  # the reference's std is over its whole tensor: one sample at a time
         want = guider.calculate(c[b:b + 1], u[b:b + 1], p[b:b + 1], m[b:b + 1])
         torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)
@@ -76,8 +79,8 @@ def test_guided_x0_leaves_out_missing_terms():
     g = torch.Generator().manual_seed(1)
     c, u = torch.randn(2, 10, 4, generator=g), torch.randn(2, 10, 4, generator=g)
     guider = MultiModalGuider(MultiModalGuiderParams(cfg_scale=3.0))
-    torch.testing.assert_close(sample.guided_x0(c, u, cfg=3.0), guider.calculate(c, u, 0.0, 0.0))
-    assert torch.equal(sample.guided_x0(c), c)
+    torch.testing.assert_close(sampler.guided_x0(c, u, cfg=3.0), guider.calculate(c, u, 0.0, 0.0))
+    assert torch.equal(sampler.guided_x0(c), c)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -114,9 +117,9 @@ def test_reference_token_path_equals_ltx_core():
     noise = torch.randn(B, T, F_LAT, generator=g)
     ref_lat = torch.randn(B, Tr, F_LAT, generator=g)
     ctx = torch.randn(B, L, model.cfg.cross_attention_dim, generator=g)
-    sigmas = sample.ltx2_sigmas(3, T)
+    sigmas = sampler.ltx2_sigmas(3, T)
 
-    got = sample.denoise(model, noise, ctx, ctx, sigmas=sigmas, ref_latent=ref_lat, cfg=1.0, stg=0.0)
+    got = sampler.denoise(model, noise, ctx, ctx, sigmas=sigmas, ref_latent=ref_lat, cfg=1.0, stg=0.0)
 
     patchifier = AudioPatchifier(patch_size=1)
     positions = torch.cat([patchifier._compute_audio_timings(B, T), patchifier._compute_audio_timings(B, Tr) + 0.5],
@@ -161,11 +164,11 @@ def test_one_forward_per_step_equals_separate_reference_passes():
     noise = torch.randn(B, T, F_LAT, generator=g)
     ctx, neg = torch.randn(2, B, L, model.cfg.cross_attention_dim, generator=g)
     deltas = 0.3 * torch.randn(B, model.cfg.num_layers, rows * D, generator=g)
-    sigmas = sample.ltx2_sigmas(3)
+    sigmas = sampler.ltx2_sigmas(3)
     kw = dict(cfg=3.0, stg=1.0, stg_blocks=(1,), spk_cfg=2.0, rescale=0.7)
 
     counting = CountingModel(model)
-    got = sample.denoise(counting, noise, ctx, neg, sigmas=sigmas, deltas=deltas, **kw)
+    got = sampler.denoise(counting, noise, ctx, neg, sigmas=sigmas, deltas=deltas, **kw)
     assert counting.calls == [4 * B] * 3  # one forward per step carrying every guidance pass
 
     # ltx-core takes no speaker deltas, so the passes that carry them (cond, uncond, STG) are our
@@ -237,7 +240,7 @@ def _sample(model, prompts, seeds, **kw):
     args = dict(steps=2, cfg=2.0, stg=1.0, stg_blocks=(1,), rescale=0.7, duration=0.4, batch_size=4,
                 progress=False)
     args.update(kw)
-    return sample.sample(model, FakeCodec(), FakeText(), fake_connector, prompts, seeds=seeds, **args)
+    return sampler.sample(model, FakeCodec(), FakeText(), fake_connector, prompts, seeds=seeds, **args)
 
 
 def test_same_seed_same_audio_regardless_of_batch():
@@ -264,23 +267,23 @@ def test_reference_tokens_and_durations_in_sample():
 
 def test_reference_errors(tmp_path):
     with pytest.raises(ValueError, match="at least"):
-        sample.prepare_reference(torch.randn(1, 8000), 16000, name="short.wav")
+        reference.prepare_reference(torch.randn(1, 8000), 16000, name="short.wav")
     with pytest.raises(ValueError, match="silent"):
-        sample.prepare_reference(torch.zeros(2, 48000), 16000, name="quiet.wav")
+        reference.prepare_reference(torch.zeros(2, 48000), 16000, name="quiet.wav")
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"not a wav at all")
     with pytest.raises((ValueError, FileNotFoundError), match="broken.wav"):
-        sample.load_reference(str(bad), 16000, 2)
+        reference.load_reference(str(bad), 16000, 2)
     with pytest.raises(FileNotFoundError, match="missing.wav"):
-        sample.load_reference(str(tmp_path / "missing.wav"), 16000, 2)
-    wav = sample.prepare_reference(0.01 * torch.randn(2, 16000 * 12), 16000)
+        reference.load_reference(str(tmp_path / "missing.wav"), 16000, 2)
+    wav = reference.prepare_reference(0.01 * torch.randn(2, 16000 * 12), 16000)
     assert wav.shape[-1] == 16000 * 10 and math.isclose(wav.abs().max().item(), 10 ** (-4 / 20), rel_tol=1e-6)
 
 
 def test_reference_mask_is_asymmetric():
-    m = sample.reference_mask(3, 2)
+    m = sampler.reference_mask(3, 2)
     assert m[:3].all() and m[3:, 3:].all() and not m[3:, :3].any()
-    m = sample.reference_mask(3, 2, see_ref=False)
+    m = sampler.reference_mask(3, 2, see_ref=False)
     assert not m[:3, 3:].any() and m[:3, :3].all()
 
 
@@ -315,18 +318,18 @@ def _by_hand(spoken, prompt):
 
 @pytest.mark.parametrize("prompt,spoken", DURATIONS)
 def test_duration_table(prompt, spoken):
-    assert sample.spoken_text(prompt) == spoken
-    assert sample.estimate_duration(prompt) == pytest.approx(_by_hand(spoken, prompt))
+    assert duration.spoken_text(prompt) == spoken
+    assert duration.estimate_duration(prompt) == pytest.approx(_by_hand(spoken, prompt))
 
 
 def test_duration_values():
     # worked numbers: 'Hello.' -> 6/8.4 + 0.3 = 1.01 -> base 3.0 -> 3.0*1.1 + 0.8 = 4.1
-    assert sample.estimate_duration('A woman says "Hello."') == pytest.approx(4.1)
+    assert duration.estimate_duration('A woman says "Hello."') == pytest.approx(4.1)
     # 61 chars at 11.2/s = 5.446 + 0.3 = 5.746 -> +2 = 7.7 -> 7.7*1.1+0.8 = 9.27 -> 9.3
-    assert sample.estimate_duration("A man: " + "x" * 60 + ".") == pytest.approx(9.3)
+    assert duration.estimate_duration("A man: " + "x" * 60 + ".") == pytest.approx(9.3)
     # a sigh and a laugh add 2.3 s of cues: 'Hi.' 3/8.4+0.3+2.3 = 2.957 -> 5.0 -> 6.3
-    assert sample.estimate_duration('He sighs, laughs: "Hi."') == pytest.approx(6.3)
-    assert sample.n_latent_tokens(4.1) == 102  # round(25 d)
+    assert duration.estimate_duration('He sighs, laughs: "Hi."') == pytest.approx(6.3)
+    assert duration.n_latent_tokens(4.1) == 102  # round(25 d)
 
 
 def _adaln_and_speaker(model, seed=0):

@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import model as M  # noqa: E402
-import sample  # noqa: E402
+import av_sampler  # noqa: E402
+import sampler  # noqa: E402
 import text  # noqa: E402
 from conftest import ROOT, run_py  # noqa: E402
 from ltx_core.components.diffusion_steps import EulerDiffusionStep  # noqa: E402
@@ -38,9 +39,9 @@ def test_denoise_av_equals_ltx_core(cfg):
            torch.randn(B, L, AV23.cross_attention_dim, generator=g))
     neg = (torch.randn(B, L, AV23.video_cross_attention_dim, generator=g),
            torch.randn(B, L, AV23.cross_attention_dim, generator=g))
-    sigmas = sample.ltx2_sigmas(3)
+    sigmas = sampler.ltx2_sigmas(3)
 
-    got_v, got_a = sample.denoise_av(ours, noise_v, noise_a, ctx, neg, sigmas=sigmas, cfg=cfg,
+    got_v, got_a = av_sampler.denoise_av(ours, noise_v, noise_a, ctx, neg, sigmas=sigmas, cfg=cfg,
                                      video_positions=M.video_positions(F, H, W, B, fps=FPS))
 
     vpos, apos = ref_video_positions(B, F, H, W), ref_audio_positions(B, Ta)
@@ -68,9 +69,9 @@ def test_denoise_av_equals_ltx_core(cfg):
 
 
 def test_video_latent_shape():
-    assert sample.video_latent_shape(97, 192, 256) == (13, 6, 8)
+    assert av_sampler.video_latent_shape(97, 192, 256) == (13, 6, 8)
     with pytest.raises(ValueError, match="1 \\+ 8k"):
-        sample.video_latent_shape(96, 192, 192)
+        av_sampler.video_latent_shape(96, 192, 192)
 
 
 def _av_checkpoint(path):

@@ -1,0 +1,260 @@
+"""The sampler: the LTX2 σ schedule, guidance on x0, the Euler denoising loop, and `sample()`,
+which turns prompts (and speaker references) into waveforms with it.
+
+The maths follows ltx-core and DramaBox: guidance on x0 (CFG against a negative prompt, STG,
+speaker guidance, std rescale) with every pass of a step in ONE batched forward, Euler in fp32,
+and the two ways to give the model a speaker: SpeakerAdaLNZero deltas (LAIONBox) and DramaBox
+IC-LoRA reference tokens. sample.py is its command line; eval.py and pipeline.py call `sample()`.
+"""
+
+import math
+import sys
+
+import torch
+
+import files
+import losses
+from duration import estimate_duration, n_latent_tokens
+from model import audio_positions
+from reference import reference_inputs
+
+DEFAULT_SHIFT_TOKENS = 4096  # the reference pipelines pass no latent, so the shift is 2.05
+# DramaBox passes its patchified (B, T, 128) latent; the scheduler counts prod(shape[2:]) = 128
+# tokens whatever the length (it was written for video latents), so its shift is always ~0.63.
+DRAMABOX_SHIFT_TOKENS = 128
+
+
+def ltx2_sigmas(steps, n_tokens=None, *, shift=None, stretch_to=0.1):
+    """The LTX2Scheduler σ schedule: steps+1 values from 1 down to 0, fp32.
+
+    σ = e^s / (e^s + 1/t - 1) on t = linspace(1, 0, steps+1) with s = `shift`, or the shift of
+    `n_tokens` (default 4096 tokens as the reference pipelines; DramaBox's is DRAMABOX_SHIFT_TOKENS).
+    Then the non-zero σ are stretched so that the last one is `stretch_to` (None: no stretch):
+    1 - σ is divided by (1 - σ_last) / (1 - stretch_to).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    s = shift if shift is not None else losses.shift_for_tokens(n_tokens or DEFAULT_SHIFT_TOKENS)
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    e = math.exp(s)
+    sigmas = torch.where(t != 0, e / (e + (1 / t - 1)), 0.0)
+    nonzero = sigmas != 0
+    one_minus = 1.0 - sigmas[nonzero]
+    if stretch_to is not None and one_minus[-1] != 0:  # (a 1-step schedule [1, 0] has nothing to stretch)
+        sigmas[nonzero] = 1.0 - one_minus / (one_minus[-1] / (1.0 - stretch_to))
+    return sigmas.to(torch.float32)
+
+
+# -----------------------------------------------------------------------------------------------
+# guidance on x0
+
+
+def guided_x0(c, u=None, p=None, m=None, *, cfg=1.0, stg=0.0, spk_cfg=1.0, rescale=0.0):
+    """Combine the x0 predictions of one step (ltx-core's MultiModalGuider).
+
+    c: conditioned; u: negative/empty prompt; p: STG-perturbed; m: no speaker. All (B, T, F).
+    pred = c + (cfg-1)(c-u) + stg(c-p) + (spk_cfg-1)(c-m); a term whose tensor is None is left out.
+    rescale r: pred *= r * std(c)/std(pred) + (1-r), the std taken per sample (the reference takes
+    it over its whole tensor, which is one sample in its pipelines) so that a sample does not
+    depend on the others in its batch.
+    """
+    pred = c
+    if u is not None:
+        pred = pred + (cfg - 1) * (c - u)
+    if p is not None:
+        pred = pred + stg * (c - p)
+    if m is not None:
+        pred = pred + (spk_cfg - 1) * (c - m)
+    if rescale != 0:
+        dims = tuple(range(1, c.ndim))
+        factor = c.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True)
+        pred = pred * (rescale * factor + (1 - rescale))
+    return pred
+
+
+# -----------------------------------------------------------------------------------------------
+# the Euler sampler
+
+
+def reference_mask(n_target, n_ref, see_ref=True):
+    """Self-attention mask (n, n), bool (True = attend), n = n_target + n_ref, for target tokens
+    followed by reference tokens.
+
+    Target attends to target and (if `see_ref`) to the reference; the reference attends only to
+    itself (read-only conditioning: DramaBox's asymmetric IC-LoRA mask). The model turns it into
+    an additive log bias (0 / finfo.min), as the reference does with its [0, 1] mask.
+    """
+    n = n_target + n_ref
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    allowed[:n_target, :n_target] = True
+    allowed[n_target:, n_target:] = True
+    allowed[:n_target, n_target:] = see_ref
+    return allowed
+
+
+REF_MODES = ("adaln", "tokens", "both", "none")
+
+
+def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
+    """The passes one step needs besides the conditioned one, in batch order."""
+    passes = ["cond"]
+    if cfg != 1.0:
+        passes.append("uncond")
+    if stg != 0.0:
+        passes.append("stg")
+    if spk_cfg != 1.0 and has_speaker:
+        passes.append("nospk")
+    return passes
+
+
+@torch.no_grad()
+def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, deltas=None,
+            cfg=1.0, stg=0.0, stg_blocks=(), spk_cfg=1.0, rescale=0.0, dtype=torch.float32,
+            progress=None):
+    """Run the Euler sampler from `noise` (B, T, F) to x0 (B, T, F), fp32.
+
+    context / neg_context: (B, L, D) connector outputs of the prompts and the negative prompt.
+    ref_latent: (B, Tr, F) clean reference tokens appended after the target (σ = 0, +0.5 s
+    positions, asymmetric mask) or None. deltas: (B, blocks, rows*D) SpeakerAdaLNZero deltas or None.
+    Every pass (cond, uncond, STG, no-speaker) goes into one forward of batch P*B per step.
+    """
+    B, T, _ = noise.shape
+    device = noise.device
+    Tr = 0 if ref_latent is None else ref_latent.shape[1]
+    passes = _guidance_passes(cfg, stg, spk_cfg, ref_latent is not None or deltas is not None)
+    P = len(passes)
+    rep = lambda t: torch.cat([t] * P) if t is not None else None  # noqa: E731
+
+    # Per-pass inputs that do not change over the steps, stacked pass-major: (P*B, ...).
+    ctx = torch.cat([neg_context if p == "uncond" else context for p in passes]).to(dtype)
+    stg_mask = torch.tensor([p == "stg" for p in passes], device=device).repeat_interleave(B)
+    block_deltas = None
+    if deltas is not None:
+        block_deltas = torch.cat([torch.zeros_like(deltas) if p == "nospk" else deltas for p in passes])
+    positions = audio_positions(T, B).to(device)  # (B, T) seconds
+    attn_mask = None
+    if Tr:
+        positions = torch.cat([positions, audio_positions(Tr, B, offset_s=0.5).to(device)], dim=1)
+        masks = [reference_mask(T, Tr, see_ref=p != "nospk") for p in passes]
+        attn_mask = torch.stack(masks).repeat_interleave(B, 0).to(device)  # (P*B, n, n)
+    positions = rep(positions)
+    ref = rep(ref_latent.float()) if Tr else None
+
+    x = noise.float()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x_in = rep(x)
+        sig = torch.full((P * B,), sigma, device=device)
+        timesteps = None
+        if Tr:  # per-token σ: the reference tokens are clean
+            x_in = torch.cat([x_in, ref], dim=1)
+            timesteps = torch.cat([sig[:, None].expand(-1, T), torch.zeros(P * B, Tr, device=device)], dim=1)
+        # σ stays fp32: the timestep embedding is computed in fp32 (as the reference) whatever the dtype
+        v = model(x_in.to(dtype), sig, ctx, timesteps=timesteps, positions=positions,
+                  attn_mask=attn_mask, stg_blocks=tuple(stg_blocks) if "stg" in passes else (),
+                  stg_samples=stg_mask if "stg" in passes else None, block_deltas=block_deltas)
+        x0 = (x_in[:, :T] - sigma * v[:, :T].float()).view(P, B, T, -1)  # x0 = x_t - σ v, fp32
+        parts = dict(zip(passes, x0.unbind(0)))
+        pred = guided_x0(parts["cond"], parts.get("uncond"), parts.get("stg"), parts.get("nospk"),
+                         cfg=cfg, stg=stg, spk_cfg=spk_cfg, rescale=rescale)
+        # Euler on the velocity implied by the guided x0, as the reference's stepper.
+        x = x + (x - pred) / sigma * (sigma_next - sigma)
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
+def _as_list(value, n, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def equal_shape_batches(T, ref_lat, ref_deltas, batch_size):
+    """Item indices in batches of up to `batch_size` items of equal shape (target length `T[i]`,
+    reference length, with or without speaker deltas), keeping the items' order within a shape."""
+    groups = {}
+    for i in range(len(T)):
+        key = (T[i], None if ref_lat[i] is None else ref_lat[i].shape[1], ref_deltas[i] is not None)
+        groups.setdefault(key, []).append(i)
+    return [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+
+
+@torch.no_grad()
+def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=None, ref_mode="adaln",
+           adaln=None, speaker=None, steps=30, cfg=7.0, stg=1.0, stg_blocks=None, spk_cfg=1.0,
+           rescale=0.7, duration="auto", device="cpu", dtype=torch.float32, batch_size=4,
+           negative_prompt="", shift_tokens=None, progress=True):
+    """Generate one waveform per (prompt, seed[, reference]) item; returns a list of (C, N) tensors
+    at `codec.output_rate`, in the order of `prompts`.
+
+    prompts, seeds: equal-length lists (one item each). ref_wavs: None, or per item None / a path /
+    a (C, N) tensor at codec.sample_rate. ref_mode: adaln (SpeakerAdaLNZero deltas from `speaker`
+    features through `adaln`), tokens (DramaBox reference tokens), both, none. duration: "auto"
+    (DramaBox estimate), seconds, or a per-item list. Items of equal length share a batch of up to
+    `batch_size`; each item's noise comes from its own generator seeded with its seed, so an item's
+    audio does not depend on what else is in its batch. stg_blocks: None = the model's STG block.
+    shift_tokens: token count of the σ-schedule shift (None: 4096, the reference pipelines').
+    """
+    if ref_mode not in REF_MODES:
+        raise ValueError(f"ref_mode must be one of {REF_MODES}, got {ref_mode!r}")
+    n = len(prompts)
+    seeds = _as_list(seeds, n, "seeds")
+    refs = _as_list(ref_wavs, n, "ref_wavs")
+    durations = _as_list(duration, n, "duration")
+    if ref_mode in ("adaln", "both") and any(r is not None for r in refs) and (adaln is None or speaker is None):
+        raise ValueError(f"ref_mode={ref_mode!r} needs a SpeakerAdaLNZero (--adaln) and speaker extractors")
+    dtype = files.DTYPES[dtype] if isinstance(dtype, str) else dtype
+    stg_blocks = (model.cfg.stg_block,) if stg_blocks is None else tuple(stg_blocks)
+
+    # Reference latents / speaker deltas per item, computed once.
+    ref_lat, ref_deltas = reference_inputs(refs, ref_mode, codec, adaln, speaker, device)
+
+    T = [n_latent_tokens(estimate_duration(p) if d == "auto" else float(d)) for p, d in zip(prompts, durations)]
+    batches = equal_shape_batches(T, ref_lat, ref_deltas, batch_size)
+
+    F_lat = model.cfg.in_channels  # latent features per token
+    total_steps = steps * len(batches)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, desc="sampling", unit="step", disable=not sys.stderr.isatty())
+    out = [None] * n
+    for idx in batches:
+        t = T[idx[0]]
+        noise = torch.stack([torch.randn(t, F_lat, generator=torch.Generator().manual_seed(int(seeds[i])))
+                             for i in idx]).to(device)  # (B, T, F), drawn on CPU: the same on any device
+        texts = [prompts[i] for i in idx] + [negative_prompt]
+        feats, mask = text_encoder.encode(texts)
+        ctx_all = connector(feats, mask).float()  # (B+1, L, D)
+        context, neg_context = ctx_all[:-1], ctx_all[-1:].expand(len(idx), -1, -1)
+        ref = torch.cat([ref_lat[i] for i in idx]) if ref_lat[idx[0]] is not None else None
+        deltas = torch.cat([ref_deltas[i] for i in idx]) if ref_deltas[idx[0]] is not None else None
+        sigmas = ltx2_sigmas(steps, shift_tokens)
+        x0 = denoise(model, noise, context, neg_context, sigmas=sigmas, ref_latent=ref, deltas=deltas,
+                     cfg=cfg, stg=stg, stg_blocks=stg_blocks, spk_cfg=spk_cfg, rescale=rescale,
+                     dtype=dtype, progress=bar)
+        wav = codec.decode(x0).float().cpu()  # (B, C, N)
+        check_generated(x0, wav)
+        for j, i in enumerate(idx):
+            out[i] = wav[j]
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def check_generated(x0, wav):
+    """Refuse generations that are not audio, before anything is written: NaN / Inf latents or
+    samples, or a constant waveform (what a codec makes of garbage latents: a full-scale DC).
+    Both mean diverged or damaged weights."""
+    if not torch.isfinite(x0).all() or not torch.isfinite(wav).all():
+        raise ValueError("the sampled latents or audio hold NaN / Inf: the model's weights are diverged or damaged; "
+                         "nothing written")
+    flat = wav.flatten(1)  # (B, C*N)
+    spread = (flat.max(1).values - flat.min(1).values).min().item()
+    if spread < 1e-6:
+        raise ValueError(f"the generated audio is a constant {flat[0, 0].item():.3f} (DC, no sound): the model's "
+                         "weights are diverged or damaged; nothing written")
