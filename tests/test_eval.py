@@ -21,7 +21,10 @@ import soundfile as sf
 import torch
 from scipy import stats
 
+import audio
 import eval as ev
+import intervals
+import report
 from model import PRESETS, AudioDiT
 
 # -----------------------------------------------------------------------------------------------
@@ -30,21 +33,21 @@ from model import PRESETS, AudioDiT
 
 def test_t_quantiles_equal_scipy():
     for df in range(1, 31):
-        assert ev.t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+        assert intervals.t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
 
 
 def test_mean_ci_and_delta_equal_scipy():
     rng = np.random.default_rng(0)
     a, b = rng.normal(3.5, 0.4, 12), rng.normal(3.2, 0.6, 9)
-    n, mean, ci = ev.mean_ci(a.tolist())
+    n, mean, ci = intervals.mean_ci(a.tolist())
     lo, hi = stats.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
     assert n == 12 and mean == pytest.approx(a.mean()) and ci == pytest.approx((hi - lo) / 2, rel=1e-3)
-    d, dci = ev.delta_ci(a, b)
+    d, dci = intervals.delta_ci(a, b)
     res = stats.ttest_ind(a, b, equal_var=False)
     lo, hi = res.confidence_interval(0.95)
     assert d == pytest.approx(a.mean() - b.mean())
     assert dci == pytest.approx((hi - lo) / 2, rel=0.05)  # floor(Welch df) vs scipy's fractional df
-    assert math.isnan(ev.mean_ci([1.0])[2])
+    assert math.isnan(intervals.mean_ci([1.0])[2])
 
 
 @pytest.mark.parametrize("ref,hyp,wer", [
@@ -98,32 +101,32 @@ def _decode_png(data):
 def test_png_encoder_roundtrip():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    assert np.array_equal(_decode_png(ev.png_bytes(img)), img)
+    assert np.array_equal(_decode_png(report.png_bytes(img)), img)
     palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
     index = rng.integers(0, 16, (6, 9), dtype=np.uint8)
-    assert np.array_equal(_decode_png(ev.png_bytes(index, palette)), palette[index])
+    assert np.array_equal(_decode_png(report.png_bytes(index, palette)), palette[index])
 
 
 def test_spectrogram_shows_the_tone():
     t = torch.arange(16000) / 16000
-    png = _decode_png(ev.spectrogram_png(torch.sin(2 * math.pi * 2000 * t), height=64, max_width=40))
+    png = _decode_png(report.spectrogram_png(torch.sin(2 * math.pi * 2000 * t), height=64, max_width=40))
     assert png.shape == (64, 40, 3)
     brightness = png.astype(float).sum(axis=(1, 2))
     assert abs(int(brightness.argmax()) - (64 - 1 - 2000 / 8000 * 64)) <= 2  # 2 kHz row, low at the bottom
-    assert len({tuple(c) for c in png.reshape(-1, 3)}) <= ev.SPECTROGRAM_LEVELS
+    assert len({tuple(c) for c in png.reshape(-1, 3)}) <= report.SPECTROGRAM_LEVELS
 
 
 def test_nice_ticks():
-    assert ev.nice_ticks(0, 450) == [0, 100, 200, 300, 400, 500]
-    assert ev.nice_ticks(0.93, 2.7) == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
-    assert ev.nice_ticks(3, 4) == pytest.approx([3.0, 3.2, 3.4, 3.6, 3.8, 4.0])
+    assert report.nice_ticks(0, 450) == [0, 100, 200, 300, 400, 500]
+    assert report.nice_ticks(0.93, 2.7) == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    assert report.nice_ticks(3, 4) == pytest.approx([3.0, 3.2, 3.4, 3.6, 3.8, 4.0])
 
 
 def test_loss_curves_have_axes_and_validation_points():
     """A line for the training loss, a dot for each validation point (one here: a line of one point
     draws nothing), tick labels on both axes, and every point inside the plot at its coordinates."""
     records = [{"step": s, "loss": 2.0 - s / 100} for s in range(0, 451, 25)] + [{"step": 450, "val_loss": 1.2}]
-    svg = ev.loss_curves_svg(records)
+    svg = report.loss_curves_svg(records)
     assert svg.startswith("<svg") and svg.count("<polyline") == 1
     dots = re.findall(r'<circle class="point" data-key="(\w+)" cx="([\d.]+)" cy="([\d.]+)"', svg)
     assert [d[0] for d in dots].count("val_loss") == 1 and "val_loss (1 points)" in svg
@@ -236,7 +239,7 @@ def test_report_renders_every_sample_and_metric(sample_dirs, tmp_path):
     assert table["custom"] == {samples[1]["id"]: 2.0}
 
     curves = {"adaln": [{"step": i, "loss": 1.0 / (i + 1)} for i in range(5)]}
-    page = ev.render_html(samples, table, skipped, baseline="base", curves=curves)
+    page = report.render_html(samples, table, skipped, metric_info=ev.METRIC_INFO, baseline="base", curves=curves)
     p = ReportParser()
     p.feed(page)
     assert sorted(p.players) == sorted(s["id"] for s in samples)  # a player for every sample
@@ -289,7 +292,7 @@ def test_report_embeds_opus_and_stays_under_10_mb_at_384_samples(tmp_path):
     and the page grows by so little per sample that 384 clips of 2.5 s at 16 kHz stay under 10 MB
     (measured: 9.2 MB; 7.0 MB at 1.9 s); the WAV files as they are would not."""
     samples = _speech_samples(tmp_path, 8, seconds=2.5)
-    pages = {rate: [ev.render_html(samples[:n], {}, {}, player_rate=rate) for n in (4, 8)] for rate in (16000, 0)}
+    pages = {rate: [report.render_html(samples[:n], {}, {}, player_rate=rate) for n in (4, 8)] for rate in (16000, 0)}
     size = {rate: len(big) + (384 - 8) * (len(big) - len(small)) / 4 for rate, (small, big) in pages.items()}
     assert size[16000] <= 10e6 < size[0], size
     p = ReportParser()
@@ -306,7 +309,7 @@ def test_player_rate_must_be_an_opus_rate(sample_dirs, tmp_path):
         ev.main(["--samples", *sample_dirs, "--player_rate", "22050", "--metrics", "judge",
                  "--out", str(tmp_path / "r.html")])
     with pytest.raises(ValueError, match="Opus"):
-        ev.audio_data_uri(str(SPEECH), 44100)
+        report.audio_data_uri(str(SPEECH), 44100)
 
 
 def test_dnsmos_on_a_spread_subset_and_one_window(tmp_path):
@@ -322,7 +325,7 @@ def test_dnsmos_on_a_spread_subset_and_one_window(tmp_path):
     assert set(table["dnsmos_ovr"]) == {"a/0001", "b/0000"} and "dnsmos_ovr" not in skipped
     assert samples[0]["id"] == "a/0001"
     with torch.no_grad():
-        want = DNSMOS()(ev.read_mono16k(samples[0]["path"])[None], max_windows=1)
+        want = DNSMOS()(audio.read_mono16k(samples[0]["path"])[None], max_windows=1)
     assert table["dnsmos_ovr"]["a/0001"] == pytest.approx(float(want["ovr"][0]), abs=1e-5)
 
 
@@ -368,7 +371,7 @@ def test_ge2e_rows_equal_voice_encoder(tmp_path):
     assert not {"ge2e_sim", "ge2e_acc", "ge2e_margin"} & set(skipped)
     enc = ve.load_encoder()
     clips, speakers = judge_lib.load_split(split)
-    want = ve.identify(ve.embed(enc, [ev.read_mono16k(s["path"]) for s in samples]),
+    want = ve.identify(ve.embed(enc, [audio.read_mono16k(s["path"]) for s in samples]),
                        [s["meta"]["speaker"] for s in samples], ve.centroids_from_clips(ve.embed(enc, clips), speakers))
     assert np.mean(list(table["ge2e_acc"].values())) == pytest.approx(want["accuracy"])
     assert np.mean(list(table["ge2e_margin"].values())) == pytest.approx(want["margin"], abs=1e-6)
@@ -453,7 +456,7 @@ def test_judge_rows_average_to_judge_report(sample_dirs, tmp_path):
     for variant in ("base", "adaln"):
         mine = [s for s in samples if s["variant"] == variant]
         want = judge_lib.judge_report(judge_lib.load_judge(tmp_path / "judge.pt"),
-                                      [ev.read_mono16k(s["path"]) for s in mine], ["alice"] * len(mine))
+                                      [audio.read_mono16k(s["path"]) for s in mine], ["alice"] * len(mine))
         assert np.mean([table["judge_acc"][s["id"]] for s in mine]) == pytest.approx(want["accuracy"])
         assert np.mean([table["judge_margin"][s["id"]] for s in mine]) == pytest.approx(want["margin"], abs=1e-6)
 
