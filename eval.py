@@ -40,7 +40,7 @@ with laionbox.yaml:
     seeds: [42, 123]
     unconditioned: true
 
-generates every sample with sample.sample(), writes them with sidecars, then scores them.
+generates every sample with sampler.sample(), writes them with sidecars, then scores them.
 Other code adds per-sample numbers with `add_metric_rows(table, metric, values)`.
 """
 
@@ -57,8 +57,8 @@ import torch
 
 import files
 from audio import SAMPLE_RATE, read_mono16k, write_wav  # every metric here works on 16 kHz mono
-from report import OPUS_RATES, render_html
 from intervals import format_ci, summarize
+from report import OPUS_RATES, render_html
 
 METRIC_INFO = {  # name: (description, higher is better)
     "spk_sim": ("WavLM-SV cosine to the reference", True),

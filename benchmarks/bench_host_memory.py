@@ -164,8 +164,7 @@ def one_step(cfg, parts, batch, out_dir):
     optimizer = torch.optim.AdamW(opt_params, lr=cfg.lr)
     init = train.weight_snapshot(trainable)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    loss, _ = train.micro_loss(cfg, parts, batch, train.micro_generator(cfg, 0, 0), autocast, None)
-    loss.backward()
+    train.micro_step(cfg, parts, batch, train.micro_generator(cfg, 0, 0), autocast, 1.0)
     train.optimizer_step(optimizer, params, masters, cfg.grad_clip)
     train.weight_change(trainable if masters is None else list(zip([n for n, _ in trainable], masters.masters)), init)
     if cfg.stage == "lora":  # at stage 2 the checkpoint is 5.5 GB of disk writes: not part of this run

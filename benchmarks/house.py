@@ -6,7 +6,7 @@ layer, and repeated blocks. Reads the files only (no imports, nothing runs).
 
 Layers, lowest first; a module may import its own layer or lower ones. An import of a higher layer
 (also inside a function) is "climbing up"; an entry point imported by anything but the one allowed
-pair (eval.py uses sample.py's `sample()`) is counted too. Modules absent from LAYERS are listed
+pair (eval.py uses sample.py's flags and loaders) is counted too. Modules absent from LAYERS are listed
 as unlayered, so the table below is kept honest as files are added.
 One home per concept: places that define or hand-roll a concept (CONCEPTS), one line each.
 Repeated blocks: windows of MIN_BLOCK consecutive code lines (comments, blank lines, imports and
@@ -22,9 +22,11 @@ from collections import defaultdict
 
 LAYERS = [
     ("foundation", ["config", "files"]),  # run config, artefact IO: import nothing of the repo
-    ("components", ["codec", "text", "speaker", "dnsmos", "losses", "voice_encoder", "audio"]),
+    ("components", ["layers", "codec", "text", "speaker", "dnsmos", "losses", "voice_encoder", "audio",
+                    "duration", "reference", "intervals", "report"]),
     ("model", ["model"]),  # the DiT
-    ("model wrappers", ["lora", "adaln"]),  # wrap or feed the DiT
+    ("model wrappers", ["lora", "adaln", "encoders"]),  # wrap or feed the DiT
+    ("sampling", ["sampler", "av_sampler"]),  # the denoising loops and sample()
     ("data", ["data", "corpus", "judge"]),  # datasets and the corpus / judge they are checked with
     ("entry points", ["train", "sample", "merge", "eval", "pipeline"]),
 ]
