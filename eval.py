@@ -512,8 +512,9 @@ def main(argv=None):
         raise SystemExit("give --samples DIR ... or --eval_set laionbox")
     samples = load_samples(dirs)
     table, skipped = score_samples(samples, args, device, [g.strip() for g in args.metrics.split(",") if g.strip()])
-    page = render_html(samples, table, skipped, metric_info=METRIC_INFO, baseline=args.baseline or None, curves=curves, title=args.title,
-                       player_rate=args.player_rate, settings={"argv": sys.argv[1:] if argv is None else argv})
+    page = render_html(samples, table, skipped, metric_info=METRIC_INFO, baseline=args.baseline or None,
+                       curves=curves, title=args.title, player_rate=args.player_rate,
+                       settings={"argv": sys.argv[1:] if argv is None else argv})
     Path(args.out).write_text(page)
     if args.scores:
         Path(args.scores).write_text(json.dumps({"scores": table, "skipped": skipped}, indent=2))
