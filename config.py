@@ -97,6 +97,14 @@ class Config:
     speaker_dropout: float = 0.1  # prob. of training a sample without its speaker features
     speaker_extractors: list[str] = field(default_factory=lambda: ["mel_stats"])
     speaker_paths: dict = field(default_factory=dict)  # extractor -> local weights directory
+    # --- tiny_sv: the speaker encoder train_sv.py trains on the train split (speaker.TinySVNet)
+    sv_steps: int = 200
+    sv_batch: int = 32  # crops per step
+    sv_lr: float = 3.0e-3
+    sv_crop_seconds: float = 1.2  # random crop of each clip (shorter clips are tiled)
+    sv_dim: int = 128
+    sv_margin: float = 0.2  # additive angular-margin softmax (CosFace): logits s·(cos − m·[own voice])
+    sv_scale: float = 30.0
     aux_losses: list[str] = field(default_factory=list)  # speaker | dnsmos
     aux_ratios: dict = field(default_factory=lambda: {"speaker": 1 / 12, "dnsmos": 1 / 12})  # 6:1 flow:aux
     aux_cap: float = 20.0
@@ -294,7 +302,8 @@ BOUNDS = {
     "global_batch": (1, None), "micro_batch": (1, None), "max_steps": (0, None), "log_every": (1, None),
     "val_every": (1, None), "ckpt_every": (1, None), "max_text_len": (1, None), "mel_n_mels": (1, None),
     "mel_n_fft": (2, None), "griffin_lim_iters": (0, None), "lora_rank": (1, None), "adaln_hidden": (1, None),
-    "aux_clips": (0, None), "sample_steps": (1, None), "sample_batch": (1, None), "corpus_speakers": (1, None),
+    "aux_clips": (0, None), "sv_steps": (0, None), "sv_batch": (2, None), "sv_dim": (1, None),
+    "sv_lr": (0, None), "sv_crop_seconds": (0.1, None), "sv_margin": (0, 1), "sv_scale": (0, None), "sample_steps": (1, None), "sample_batch": (1, None), "corpus_speakers": (1, None),
     "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
     "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),
     "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),

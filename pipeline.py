@@ -1,5 +1,5 @@
-"""The whole recipe, end to end, from one config: corpus -> prepare -> base -> lora -> merge -> adaln
--> sample -> eval.
+"""The whole recipe, end to end, from one config: corpus -> sv -> prepare -> base -> lora -> merge
+-> adaln -> sample -> eval.
 
     ./run.sh configs/tiny.yaml                    # = python pipeline.py configs/tiny.yaml
     python pipeline.py configs/micro.yaml --name=smoke --out_dir=/tmp/runs
@@ -10,6 +10,8 @@ commands a person would type, each a subprocess of this Python: `train.py CONFIG
 `stage_configs` maps a stage to the YAML with that stage's overrides. Each stage hands its output
 to the next:
 
+    sv     runs/<name>_sv/sv.safetensors           (train_sv.py: the tiny_sv speaker encoder, when the
+                                                    config's speaker_extractors name it)
     base   runs/<name>_base/dit.safetensors        (the DiT + text connector, from scratch)
     lora   runs/<name>_lora/lora.safetensors       (stage 1 on the frozen base)
     merge  runs/<name>/merged.safetensors          (merge.py: the LoRA folded into the base)
@@ -40,7 +42,7 @@ from pathlib import Path
 
 from config import config_dict, load_config
 
-STEPS = ("corpus", "prepare", "base", "lora", "merge", "adaln", "sample", "eval")
+STEPS = ("corpus", "sv", "prepare", "base", "lora", "merge", "adaln", "sample", "eval")
 STAGE_OUTPUT = {"base": "dit.safetensors", "lora": "lora.safetensors", "adaln": "adaln.safetensors"}
 VARIANTS = ("baseline", "adaln", "adaln_guided")
 HERE = Path(__file__).resolve().parent
@@ -65,6 +67,7 @@ def paths(cfg):
     for stage, file in STAGE_OUTPUT.items():
         out[f"{stage}_dir"] = Path(cfg.out_dir) / f"{cfg.name}_{stage}"
         out[stage] = out[f"{stage}_dir"] / file
+    out["sv"] = (Path(cfg.out_dir) / f"{cfg.name}_sv" / "sv.safetensors").resolve()
     return out
 
 
@@ -133,6 +136,12 @@ def step_corpus(cfg, p, yamls, overrides):
                  cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac,
                  "--unseen", cfg.corpus_unseen],
                 p["run"] / "logs" / "corpus.log")
+
+
+def step_sv(cfg, p, yamls, overrides):
+    """train_sv.py: the tiny_sv speaker encoder on the train split's voices (held-out voices never)."""
+    run_command(["train_sv.py", *yamls, *overrides, "--overwrite=true", f"--name={cfg.name}_sv",
+                 f"--manifest={p['train']}", f"--val_manifest={p['val']}"], p["run"] / "logs" / "sv.log")
 
 
 def step_prepare(cfg, p, yamls, overrides):
@@ -312,7 +321,7 @@ def read_wav(path):
     return audio.resample(torch.from_numpy(data.mean(1)), rate, audio.SAMPLE_RATE)
 
 
-STEP_FUNCTIONS = {"corpus": step_corpus, "prepare": step_prepare, "base": train_stage("base", None),
+STEP_FUNCTIONS = {"corpus": step_corpus, "sv": step_sv, "prepare": step_prepare, "base": train_stage("base", None),
                   "lora": train_stage("lora", "base"), "merge": step_merge, "adaln": train_stage("adaln", "merged"),
                   "sample": step_sample, "eval": step_eval}
 
@@ -357,6 +366,10 @@ def main(argv=None):
     check_config(cfg, yamls)
     p = paths(cfg)
     p["run"].mkdir(parents=True, exist_ok=True)
+    if "tiny_sv" in cfg.speaker_extractors and "tiny_sv" not in cfg.speaker_paths:
+        # the encoder the `sv` step trains (or trained in an earlier run of this name) feeds every stage
+        cfg.speaker_paths = {**cfg.speaker_paths, "tiny_sv": str(p["sv"])}
+        overrides = [*overrides, f"--speaker_paths={json.dumps(cfg.speaker_paths)}"]
     if cfg.cpu_threads:
         # On shared cores one thread per process is several times faster than two: a thread
         # that is descheduled stalls every parallel op of the other at its barrier.

@@ -12,6 +12,9 @@ wavlm_sv + orange_tbr + clap_how + clap_what = 512 + 128 + 768 + 768 = 2176 (its
     clap_what   plug point, 768-d (LAIONBox CLAP "what is said")   } (B, N) to (B, dim); L2-normalised
     mel_stats   mean and std over frames of the log-mel spectrogram; no weights, for small runs
                 (default 64 mels -> 128-d)
+    tiny_sv     a small speaker-verification network trained by train_sv.py on the run's own train
+                split (metric learning: which voice is this?), weights = the safetensors file it
+                writes; the stand-in for wavlm_sv where no pretrained model may be downloaded
 
 The plug points exist because those checkpoints need their own (partly unpublished) code: export
 the model with `torch.export.export(model, (wav,), dynamic_shapes=...)` (batch and sample dims
@@ -32,11 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import files
 from audio import SAMPLE_RATE
 
 # documented dims of the plug points (LAIONBox v0.4 card)
 PLUG_DIMS = {"orange_tbr": 128, "clap_how": 768, "clap_what": 768}
-KNOWN = ["wavlm_sv", *PLUG_DIMS, "mel_stats"]
+KNOWN = ["wavlm_sv", *PLUG_DIMS, "mel_stats", "tiny_sv"]
 
 
 def _hash_path(path):
@@ -153,6 +157,87 @@ class ExportedExtractor(nn.Module):
         return self
 
 
+class TinySVNet(nn.Module):
+    """A small x-vector network: 16 kHz waveform (B, N) -> L2-normalised voice embedding (B, dim).
+
+    log-mel (25 ms windows, 10 ms hop) -> four 1-D convolutions over time (dilated, ReLU +
+    BatchNorm: the TDNN of x-vectors, narrow) -> mean and std over frames -> linear -> L2 norm.
+    No per-clip mean normalisation of the log-mel: the average spectrum is part of a voice.
+    Trained by train_sv.py; ~0.4 M parameters, a few ms per clip on a CPU.
+    """
+
+    def __init__(self, n_mels=40, channels=192, dim=128):
+        super().__init__()
+        import torchaudio.functional as AF
+
+        self.n_mels, self.channels, self.dim = n_mels, channels, dim
+        self.register_buffer("window", torch.hann_window(400), persistent=False)
+        fbanks = AF.melscale_fbanks(257, 20.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+        self.register_buffer("fbanks", fbanks, persistent=False)  # (257, n_mels)
+        layers, width = [], n_mels
+        for out, kernel, dilation in ((channels, 5, 1), (channels, 3, 2), (channels, 3, 3), (2 * channels, 1, 1)):
+            layers += [nn.Conv1d(width, out, kernel, dilation=dilation, padding=dilation * (kernel - 1) // 2),
+                       nn.ReLU(), nn.BatchNorm1d(out)]
+            width = out
+        self.input_norm = nn.BatchNorm1d(n_mels)
+        self.frames = nn.Sequential(*layers)
+        self.embed = nn.Linear(2 * width, dim)
+
+    def settings(self):
+        return {"n_mels": self.n_mels, "channels": self.channels, "dim": self.dim}
+
+    def forward(self, wav):
+        if wav.shape[-1] < 400:
+            raise ValueError(f"tiny_sv: clip of {wav.shape[-1]} samples is shorter than one 25 ms window")
+        spec = torch.stft(wav, 512, 160, 400, window=self.window, center=True, return_complex=True).abs()
+        logmel = torch.log((spec.transpose(1, 2) @ self.fbanks).clamp(min=1e-5)).transpose(1, 2)  # (B, mels, T)
+        h = self.frames(self.input_norm(logmel))
+        pooled = torch.cat([h.mean(-1), h.std(-1, correction=0)], dim=-1)
+        return F.normalize(self.embed(pooled), dim=-1)
+
+
+def load_tiny_sv(path):
+    """TinySVNet from a train_sv.py file (safetensors, settings in its metadata), frozen, in eval mode;
+    a clear error naming the file when it is missing or not such a file."""
+    if not path:
+        raise FileNotFoundError("tiny_sv: no weights given; train them with `python train_sv.py` (the pipeline's "
+                                "`sv` step does) and set speaker_paths['tiny_sv'] to the file it writes")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tiny_sv: speaker_paths['tiny_sv'] = {path} does not exist")
+    settings = files.read_json_metadata(path, "tiny_sv")
+    if not isinstance(settings, dict):
+        raise ValueError(f"tiny_sv: {path} is not a train_sv.py file (no __metadata__['tiny_sv'])")
+    net = TinySVNet(**settings)
+    state, want = files.load_safetensors(path), net.state_dict()
+    wrong = sorted(set(want) ^ set(state)) + [k for k in want if k in state and want[k].shape != state[k].shape]
+    if wrong:
+        raise ValueError(f"tiny_sv: {path} does not match its settings {settings}: tensor {wrong[0]!r} is missing, "
+                         f"unexpected or of another shape ({len(wrong)} are)")
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+class TinySV(nn.Module):
+    """The `tiny_sv` extractor: a trained TinySVNet file, frozen."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.net, self.path, self._fingerprint = load_tiny_sv(path), path, None
+        self.dim = self.net.dim
+
+    def fingerprint(self):
+        if self._fingerprint is None:
+            self._fingerprint = f"tiny_sv:{_hash_path(self.path)}"
+        return self._fingerprint
+
+    def forward(self, wav):
+        return self.net(wav)
+
+    def train(self, mode=True):
+        """Always eval: BatchNorm uses the statistics it was trained with."""
+        return super().train(False)
+
+
 class SpeakerFeatures(nn.Module):
     """The configured extractors, frozen: wav (mono 16 kHz) -> (B, dim), their outputs concatenated.
 
@@ -227,6 +312,8 @@ def build_speaker_extractors(names, paths, device="cpu"):
             extractors[name] = WavLMSV(paths.get(name))
         elif name == "mel_stats":
             extractors[name] = MelStats()
+        elif name == "tiny_sv":
+            extractors[name] = TinySV(paths.get(name))
         elif name in PLUG_DIMS:
             extractors[name] = ExportedExtractor(name, paths.get(name))
         else:

@@ -112,9 +112,12 @@ def test_cache_made_with_other_settings_is_refused(micro_corpus, arg, key):
     assert not (work / "runs" / "stale").exists()
 
 
-def test_stage2_cache_needs_its_speaker_extractors(micro_corpus):
+@pytest.mark.parametrize("stage", [["--stage=adaln"], ["--stage=lora", "--lora_speaker=true"]])
+def test_speaker_path_cache_needs_its_speaker_extractors(micro_corpus, finished, stage):
+    """Stage 2, and a speaker-aware stage 1, read the cached speaker features: another extractor is refused."""
     work, data_args = micro_corpus
-    proc = _train(work, data_args, "stale2", "--stage=adaln", "--speaker_extractors=[wavlm_sv]", check=False)
+    proc = _train(work, data_args, "stale2", *stage, f"--ckpt={finished / 'dit.safetensors'}",
+                  "--speaker_extractors=[wavlm_sv]", check=False)
     _one_line_error(proc, "speaker_extractors=['mel_stats']")
 
 

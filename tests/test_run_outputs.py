@@ -21,7 +21,7 @@ STAGES = ("base", "lora", "adaln")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_processes")
     cmd = ["bash", str(ROOT / "run.sh"), "--gpus", "2", "--cpu", str(ROOT / "configs" / "micro.yaml"),
-           "--pipeline=[corpus,prepare,base,lora,merge,adaln]", f"--out_dir={tmp / 'runs'}",
+           "--pipeline=[corpus,sv,prepare,base,lora,merge,adaln]", f"--out_dir={tmp / 'runs'}",
            f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}", "--name=two"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -57,5 +57,9 @@ def test_sample_from_the_run_files_alone(run):
     encoder and speaker features are the run's: the same WAV as with that config given by hand."""
     alone = sample(run, run / "alone.wav")
     assert np.isfinite(alone).all() and np.ptp(alone) > 1e-3
-    given = sample(run, run / "given.wav", "--config", str(ROOT / "configs" / "micro.yaml"))
+    # by hand: micro.yaml plus where the run's sv step wrote its speaker encoder
+    config = run / "given.yaml"
+    sv = (run / "runs" / "two_sv" / "sv.safetensors").resolve()
+    config.write_text((ROOT / "configs" / "micro.yaml").read_text() + f"\nspeaker_paths: {{tiny_sv: '{sv}'}}\n")
+    given = sample(run, run / "given.wav", "--config", str(config))
     assert np.array_equal(alone, given)
