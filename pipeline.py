@@ -201,7 +201,7 @@ def step_sample(cfg, p, yamls, overrides):
     # the config that made the cache (no `ckpt`: the text projection is the seeded random one)
     p["data_config"].write_text(json.dumps({"config": {**config_dict(cfg), "ckpt": "", "stage": "adaln"}}))
     # Each prompt is spoken for as long as its own corpus clip: the model was trained on 1-4 s clips,
-    # and DramaBox's estimate (sample.estimate_duration, >= 3 s + padding) would ask for 2-3x more.
+    # and DramaBox's estimate (duration.estimate_duration, >= 3 s + padding) would ask for 2-3x more.
     items = [(prompt, spk, seed, seconds) for prompt, seconds in zip(prompts, durations)
              for spk in sorted(refs) for seed in cfg.sample_seeds]
     for variant in VARIANTS:

@@ -28,9 +28,9 @@ LAYERS = [
     ("model wrappers", ["lora", "adaln", "encoders"]),  # wrap or feed the DiT
     ("sampling", ["sampler", "av_sampler"]),  # the denoising loops and sample()
     ("data", ["data", "corpus", "judge"]),  # datasets and the corpus / judge they are checked with
-    ("entry points", ["train", "sample", "merge", "eval", "pipeline"]),
+    ("entry points", ["train", "train_sv", "sample", "merge", "eval", "pipeline"]),
 ]
-ENTRY_POINTS = {"train", "sample", "merge", "eval", "pipeline"}
+ENTRY_POINTS = {"train", "train_sv", "sample", "merge", "eval", "pipeline"}
 ALLOWED_ENTRY_IMPORTS = {("eval", "sample")}
 # concepts that should have one home each: how many places define or hand-roll them
 CONCEPTS = {
