@@ -241,8 +241,8 @@ def step_eval(cfg, p, yamls, overrides):
     """Both speaker judges on every variant, seen and held-out voices apart, into judge.json; the
     HTML report. The headline is the independent GE2E encoder (voice_encoder.py): a network the
     generator never met, identifying each sample against centroids of the corpus's judge clips.
-    The MLP judge (judge.py) works on log-mel statistics, the space stage 2 is conditioned in, so
-    it is shown beside it, never alone."""
+    The MLP judge (judge.py) works on log-mel statistics, the space a `mel_stats`-conditioned
+    speaker path is fed and trained in (it flatters such a path), so it is shown beside it, never alone."""
     import judge as judge_lib
 
     t0 = time.time()

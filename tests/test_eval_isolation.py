@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINING_PATH = ["train", "losses", "speaker", "adaln", "data"]
+TRAINING_PATH = ["train", "train_sv", "losses", "speaker", "adaln", "data"]
 FORBIDDEN = ["voice_encoder", "resemblyzer"]
 
 CHECK = textwrap.dedent("""
