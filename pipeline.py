@@ -370,21 +370,28 @@ def main(argv=None):
         # the encoder the `sv` step trains (or trained in an earlier run of this name) feeds every stage
         cfg.speaker_paths = {**cfg.speaker_paths, "tiny_sv": str(p["sv"])}
         overrides = [*overrides, f"--speaker_paths={json.dumps(cfg.speaker_paths)}"]
-    if cfg.cpu_threads:
-        # On shared cores one thread per process is several times faster than two: a thread
-        # that is descheduled stalls every parallel op of the other at its barrier.
-        THREAD_ENV.update(OMP_NUM_THREADS=str(cfg.cpu_threads), MKL_NUM_THREADS=str(cfg.cpu_threads))
-        import torch
+    # On shared cores one thread per process is several times faster than two (a thread that is
+    # descheduled stalls every parallel op of the other at its barrier); alone on the machine, every
+    # core is (cpu_threads 0). Reset on every call, and the caller's
+    # torch threads restored at the end: one process may run several pipelines (the tests).
+    import torch
 
-        torch.set_num_threads(cfg.cpu_threads)
+    THREAD_ENV.clear()
+    if cfg.cpu_threads:
+        THREAD_ENV.update(OMP_NUM_THREADS=str(cfg.cpu_threads), MKL_NUM_THREADS=str(cfg.cpu_threads))
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cpu_threads or os.cpu_count() or 1)
     times = {}
     t_start = time.time()
-    for k, step in enumerate(cfg.pipeline, 1):
-        print(f"[{k}/{len(cfg.pipeline)}] {step} (elapsed {time.time() - t_start:.0f} s)", flush=True)
-        t0 = time.time()
-        STEP_FUNCTIONS[step](cfg, p, yamls, overrides)
-        times[step] = round(time.time() - t0, 1)
-        print(f"[{k}/{len(cfg.pipeline)}] {step} done in {times[step]:.1f} s", flush=True)
+    try:
+        for k, step in enumerate(cfg.pipeline, 1):
+            print(f"[{k}/{len(cfg.pipeline)}] {step} (elapsed {time.time() - t_start:.0f} s)", flush=True)
+            t0 = time.time()
+            STEP_FUNCTIONS[step](cfg, p, yamls, overrides)
+            times[step] = round(time.time() - t0, 1)
+            print(f"[{k}/{len(cfg.pipeline)}] {step} done in {times[step]:.1f} s", flush=True)
+    finally:
+        torch.set_num_threads(caller_threads)
     summary, table = summarize(cfg, p, times)
     p["summary"].write_text(json.dumps(summary, indent=1, default=str))
     print(table)

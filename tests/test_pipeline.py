@@ -139,3 +139,18 @@ def test_bad_config_is_refused_before_any_work(tmp_path, override, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         pipeline.main([MICRO, f"--out_dir={tmp_path}", override])
     assert not (tmp_path / "micro").exists()
+
+
+def test_thread_settings_are_per_call_and_restored(tmp_path):
+    """cpu_threads reaches the step processes (OMP_NUM_THREADS) of this call only, and the caller's
+    torch thread count is back afterwards: the learning test and this smoke test share a process."""
+    import torch
+
+    argv = [MICRO, "--pipeline=[corpus]", f"--out_dir={tmp_path / 'runs'}", f"--corpus_dir={tmp_path / 'corpus'}",
+            "--name=threads"]
+    before = torch.get_num_threads()
+    pipeline.main([*argv, "--cpu_threads=2"])
+    assert pipeline.THREAD_ENV == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert torch.get_num_threads() == before
+    pipeline.main([*argv, "--cpu_threads=0"])
+    assert pipeline.THREAD_ENV == {} and torch.get_num_threads() == before
