@@ -56,6 +56,26 @@ def _hash_path(path):
     return h.hexdigest()
 
 
+def log_mel(wav, n_fft, hop, window, fbanks):
+    """log(clamp(mel power of |STFT|, 1e-5)) of (B, N) audio: (B, frames, mels); centred, reflect-padded
+    frames of len(window) samples; fbanks (n_fft/2+1, mels)."""
+    spec = torch.stft(wav, n_fft, hop, window.numel(), window=window, center=True, pad_mode="reflect",
+                      return_complex=True).abs()  # (B, F, frames)
+    return torch.log((spec.transpose(1, 2) @ fbanks).clamp(min=1e-5))
+
+
+class WeightsFile(nn.Module):
+    """An extractor whose weights live at `self.path` (a file or directory): its fingerprint is
+    `name:sha256 of the bytes`, hashed once per instance."""
+
+    name, path, _fingerprint = "", "", None
+
+    def fingerprint(self):
+        if self._fingerprint is None:
+            self._fingerprint = f"{self.name}:{_hash_path(self.path)}"
+        return self._fingerprint
+
+
 class MelStats(nn.Module):
     """Mean and std over time of the log-mel spectrogram: (B, N) -> (B, 2*n_mels).
 
@@ -80,13 +100,11 @@ class MelStats(nn.Module):
     def forward(self, wav):
         if wav.shape[-1] <= self.n_fft // 2:
             raise ValueError(f"mel_stats: clip of {wav.shape[-1]} samples is shorter than n_fft/2 = {self.n_fft // 2}")
-        spec = torch.stft(wav, self.n_fft, self.hop, window=self.window, center=True, pad_mode="reflect",
-                          return_complex=True).abs()  # (B, F, frames)
-        logmel = torch.log((spec.transpose(1, 2) @ self.fbanks).clamp(min=1e-5))  # (B, frames, n_mels)
+        logmel = log_mel(wav, self.n_fft, self.hop, self.window, self.fbanks)  # (B, frames, n_mels)
         return torch.cat([logmel.mean(1), logmel.std(1, correction=0)], dim=-1)
 
 
-class WavLMSV(nn.Module):
+class WavLMSV(WeightsFile):
     """WavLM x-vector (transformers `WavLMForXVector`) from a local directory: (B, N) -> (B, dim),
     L2-normalised as in the wavlm-base-plus-sv model card. The feature extractor's input
     normalisation (when its `do_normalize` is set) is redone in torch so gradients flow."""
@@ -105,16 +123,10 @@ class WavLMSV(nn.Module):
                 f"wavlm_sv: {path} has no feature extractor (preprocessor_config.json): {e}") from None
         if extractor.sampling_rate != SAMPLE_RATE:
             raise ValueError(f"wavlm_sv: {path} expects {extractor.sampling_rate} Hz audio, we feed {SAMPLE_RATE} Hz")
-        self.path = path
+        self.name, self.path = "wavlm_sv", path
         self.do_normalize = bool(extractor.do_normalize)
         self.model = WavLMForXVector.from_pretrained(path, dtype=torch.float32)
         self.dim = self.model.config.xvector_output_dim
-        self._fingerprint = None
-
-    def fingerprint(self):
-        if self._fingerprint is None:
-            self._fingerprint = f"wavlm_sv:{_hash_path(self.path)}"
-        return self._fingerprint
 
     def forward(self, wav):
         if self.do_normalize:  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm, per clip
@@ -122,7 +134,7 @@ class WavLMSV(nn.Module):
         return F.normalize(self.model(input_values=wav).embeddings, dim=-1)
 
 
-class ExportedExtractor(nn.Module):
+class ExportedExtractor(WeightsFile):
     """A plug-point extractor: a `torch.export` program file mapping (B, N) -> (B, dim)."""
 
     def __init__(self, name, path):
@@ -142,12 +154,6 @@ class ExportedExtractor(nn.Module):
             out = self.program(torch.zeros(2, SAMPLE_RATE))
         if tuple(out.shape) != (2, self.dim):
             raise ValueError(f"{name}: {path} maps (2, {SAMPLE_RATE}) to {tuple(out.shape)}, expected (2, {self.dim})")
-        self._fingerprint = None
-
-    def fingerprint(self):
-        if self._fingerprint is None:
-            self._fingerprint = f"{self.name}:{_hash_path(self.path)}"
-        return self._fingerprint
 
     def forward(self, wav):
         return F.normalize(self.program(wav), dim=-1)
@@ -189,8 +195,7 @@ class TinySVNet(nn.Module):
     def forward(self, wav):
         if wav.shape[-1] < 400:
             raise ValueError(f"tiny_sv: clip of {wav.shape[-1]} samples is shorter than one 25 ms window")
-        spec = torch.stft(wav, 512, 160, 400, window=self.window, center=True, return_complex=True).abs()
-        logmel = torch.log((spec.transpose(1, 2) @ self.fbanks).clamp(min=1e-5)).transpose(1, 2)  # (B, mels, T)
+        logmel = log_mel(wav, 512, 160, self.window, self.fbanks).transpose(1, 2)  # (B, mels, frames)
         h = self.frames(self.input_norm(logmel))
         pooled = torch.cat([h.mean(-1), h.std(-1, correction=0)], dim=-1)
         return F.normalize(self.embed(pooled), dim=-1)
@@ -217,18 +222,13 @@ def load_tiny_sv(path):
     return net.eval().requires_grad_(False)
 
 
-class TinySV(nn.Module):
+class TinySV(WeightsFile):
     """The `tiny_sv` extractor: a trained TinySVNet file, frozen."""
 
     def __init__(self, path):
         super().__init__()
-        self.net, self.path, self._fingerprint = load_tiny_sv(path), path, None
+        self.net, self.name, self.path = load_tiny_sv(path), "tiny_sv", path
         self.dim = self.net.dim
-
-    def fingerprint(self):
-        if self._fingerprint is None:
-            self._fingerprint = f"tiny_sv:{_hash_path(self.path)}"
-        return self._fingerprint
 
     def forward(self, wav):
         return self.net(wav)

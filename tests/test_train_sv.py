@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import files
 import speaker
@@ -15,22 +14,6 @@ import train_sv
 from config import load_config
 
 from conftest import ROOT, run_py
-
-
-def margin_and_accuracy(net, train, val):
-    """Mean (own-voice cosine − mean other-voice cosine) and identification accuracy of the val clips
-    against the train centroids."""
-    voices = list(train)
-    with torch.no_grad():
-        centroids = F.normalize(torch.stack([torch.cat([net(w[None]) for w in train[v]]).mean(0) for v in voices]), dim=-1)
-        margins, hits = [], []
-        for v, clips in val.items():
-            for w in clips:
-                cos = net(w[None])[0] @ centroids.T
-                own = voices.index(v)
-                margins.append(float(cos[own] - (cos.sum() - cos[own]) / (len(voices) - 1)))
-                hits.append(int(cos.argmax()) == own)
-    return sum(margins) / len(margins), sum(hits) / len(hits)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +31,11 @@ def test_trained_encoder_separates_the_voices(trained):
     train = train_sv.load_clips(work / "corpus" / "train.jsonl")
     val = train_sv.load_clips(work / "corpus" / "val.jsonl")
     net = speaker.load_tiny_sv(path)
-    margin, acc = margin_and_accuracy(net, train, val)
+    acc, margin, _ = train_sv.identification(net, train, val)
     torch.manual_seed(0)
     untrained = speaker.TinySVNet(dim=32).eval()
-    margin0, _ = margin_and_accuracy(untrained, train, val)
+    _, margin0, _ = train_sv.identification(untrained, train, val)
+    assert not net.training and not untrained.training
     assert acc == 1.0 and summary["val_acc"] == 1.0 and summary["voices"] == sorted(train)
     assert margin > 0.4 and margin > margin0 + 0.3, (margin, margin0)
 
