@@ -170,3 +170,24 @@ def test_voice_table_has_sixteen_distinct_voices():
     """At least 16 voices, no two alike (the zero-shot split needs voices to hold out)."""
     assert len(corpus.VOICES) >= 16
     assert len({v[:4] for v in corpus.VOICES}) == len(corpus.VOICES)
+
+
+def test_tiny_prompts_fit_max_text_len():
+    """The tiny preset pads text to just above the grammar's longest prompt (the padding costs
+    connector and cross-attention work every step): the longest sentence the grammar can make,
+    in the corpus's prompt format, must still fit with its BOS, or the byte tokenizer truncates it."""
+    import random
+
+    import yaml
+
+    import text
+
+    longest = lambda words: max(words, key=len)
+    line = (f"the {longest(corpus.ADJECTIVES)} {longest(corpus.NOUNS)} {longest(corpus.VERBS)} "
+            f"{longest(corpus.PREPOSITIONS)} the {longest(corpus.ADJECTIVES)} {longest(corpus.NOUNS)}")
+    assert all(len(corpus.sentence(random.Random(s))) <= len(line) for s in range(2000))
+    prompt = f'{corpus.DESCRIPTION} "{line}"'
+    max_text_len = yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())["max_text_len"]
+    ids, mask = text.byte_tokenize([prompt], max_text_len)
+    assert int(mask.sum()) == len(prompt.encode()) + 1  # every byte and the BOS survive
+    assert max_text_len - (len(prompt) + 1) <= 2  # and little padding is left on the longest prompt
