@@ -106,6 +106,11 @@ def sentence(rng):
     return f"{subject} {verb} {rng.choice(PREPOSITIONS)} the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
 
 
+def prompt(spoken):
+    """The manifest's text for a spoken line: the shared description, then the line in quotes."""
+    return f'{DESCRIPTION} "{spoken}"'
+
+
 # ----------------------------------------------------------------------------------------------
 # eSpeak NG through ctypes
 
@@ -278,7 +283,7 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
             rel = f"wavs/{spk}/{utt_id}.wav"
             sf.write(out / rel, wav, SAMPLE_RATE, subtype="PCM_16")
             total_seconds += len(wav) / SAMPLE_RATE
-            rows[split].append({"audio": rel, "text": f'{DESCRIPTION} "{text}"', "speaker": spk,
+            rows[split].append({"audio": rel, "text": prompt(text), "speaker": spk,
                                 "source": SOURCE, "id": utt_id})
             transcripts.append(f"{utt_id}\t{spk}\t{split}\t{text}")
     manifests = {}

@@ -186,7 +186,7 @@ def test_tiny_prompts_fit_max_text_len():
     line = (f"the {longest(corpus.ADJECTIVES)} {longest(corpus.NOUNS)} {longest(corpus.VERBS)} "
             f"{longest(corpus.PREPOSITIONS)} the {longest(corpus.ADJECTIVES)} {longest(corpus.NOUNS)}")
     assert all(len(corpus.sentence(random.Random(s))) <= len(line) for s in range(2000))
-    prompt = f'{corpus.DESCRIPTION} "{line}"'
+    prompt = corpus.prompt(line)
     max_text_len = yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())["max_text_len"]
     ids, mask = text.byte_tokenize([prompt], max_text_len)
     assert int(mask.sum()) == len(prompt.encode()) + 1  # every byte and the BOS survive
