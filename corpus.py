@@ -15,12 +15,19 @@ Layout written under `--out` (paths in the manifests are relative to it):
     val_unseen.jsonl judge_unseen.jsonl    the held-out voices (empty files when unseen = 0)
         {"audio": "wavs/...", "text": "A clear voice. \\"the red fox runs\\"", "speaker": "spk00",
          "source": "espeak", "id": "spk00_0000"}
+    base.jsonl                     the base DiT's training set: every train clip twice, with the shared
+                                   description and with its voice's own ("A deep US man. \\"...\\"")
     transcripts.tsv                id, speaker, split, raw transcript
     corpus.json                    settings, their hash, counts, voices, build time
 
 The prompt's description is the same for every speaker: text alone cannot pick the voice, so a
 model without a speaker path sits at chance on the judge and the speaker must come from the
-reference clip. (Each voice's own description is kept in `corpus.json`.)
+reference clip. Only the base DiT, the stand-in for the pretrained LTX-2.3 (which learned from
+captions that describe the voice), also hears each seen voice under its own description
+(`base.jsonl`): it learns voices as separate modes instead of one averaged voice, and the stages
+that add the speaker path start from a model that can render them. Stage 1, stage 2 and sampling
+see only the shared description, so the baseline (no speaker path) stays at chance; held-out voices
+appear in no training file at all.
 
 The split is by utterance, per speaker: `judge` clips train the speaker-identification judge
 (judge.py) and are never seen by the generator; `val` clips are held out from both, so they are
@@ -49,33 +56,34 @@ from audio import SAMPLE_RATE  # the codec's and the speaker extractors' rate
 MIN_SECONDS, MAX_SECONDS = 1.0, 4.0
 SOURCE = "espeak"
 SPLITS = ("train", "val", "judge", "val_unseen", "judge_unseen")
-FORMAT_VERSION = 2  # bump when the output of the same settings changes
+FORMAT_VERSION = 3  # bump when the output of the same settings changes
 DESCRIPTION = "A clear voice."  # LTX-style prompt: description, then the spoken line in quotes
 
 # (eSpeak voice "language+variant", pitch 0-99, pitch range 0-99, rate words/min, description).
+# A description is no longer than DESCRIPTION: the base's described prompts fit the same text length.
 # Chosen to differ along several axes at once (accent, formant set, f0, breathiness, tempo), so a
 # small classifier on spectral statistics separates them even after a mel -> Griffin-Lim trip.
 VOICES = [
-    ("en-us+m1", 30, 40, 150, "A deep, slow American man."),
-    ("en+f2", 75, 70, 175, "A bright British woman."),
-    ("en-gb-scotland+m3", 60, 60, 195, "A brisk Scottish man."),
-    ("en-us+f4", 90, 50, 160, "A high-pitched American woman."),
-    ("en+Storm", 25, 30, 140, "A low, muffled voice."),
-    ("en-029+m7", 60, 80, 205, "A fast, lively Caribbean man."),
-    ("en-gb-x-rp+Annie", 55, 40, 170, "A clear, formal English woman."),
-    ("en+whisper", 50, 50, 160, "A breathy whisper."),
-    ("en-us-nyc+m2", 40, 70, 185, "A New York man with a lively pitch."),
-    ("en+klatt", 65, 20, 150, "A flat, robotic voice."),
-    ("en-gb-x-gbclan+f3", 80, 90, 180, "An expressive Lancashire woman."),
-    ("en-us+m6", 45, 10, 130, "A monotone, unhurried man."),
-    ("en-gb-x-gbcwmd+m4", 35, 50, 165, "A West Midlands man with a low voice."),
-    ("en+f5", 70, 60, 150, "A calm, warm woman."),
-    ("en-gb-scotland+f1", 85, 40, 155, "A high Scottish woman."),
-    ("en+grandpa", 30, 70, 135, "An old man, slow and wavering."),
-    ("en-029+f3", 65, 70, 190, "A quick Caribbean woman."),
-    ("en-us+m8", 50, 30, 175, "A plain American man."),
-    ("en+m5", 20, 50, 170, "A very deep man."),
-    ("en-us-nyc+f4", 75, 80, 200, "A fast New York woman."),
+    ("en-us+m1", 30, 40, 150, "A deep US man."),
+    ("en+f2", 75, 70, 175, "A bright lady."),
+    ("en-gb-scotland+m3", 60, 60, 195, "A brisk Scot."),
+    ("en-us+f4", 90, 50, 160, "A high woman."),
+    ("en+Storm", 25, 30, 140, "A low voice."),
+    ("en-029+m7", 60, 80, 205, "A fast man."),
+    ("en-gb-x-rp+Annie", 55, 40, 170, "A formal lady."),
+    ("en+whisper", 50, 50, 160, "A whisper."),
+    ("en-us-nyc+m2", 40, 70, 185, "A NY man."),
+    ("en+klatt", 65, 20, 150, "A robot voice."),
+    ("en-gb-x-gbclan+f3", 80, 90, 180, "A lively lass."),
+    ("en-us+m6", 45, 10, 130, "A flat man."),
+    ("en-gb-x-gbcwmd+m4", 35, 50, 165, "A Brummie man."),
+    ("en+f5", 70, 60, 150, "A warm woman."),
+    ("en-gb-scotland+f1", 85, 40, 155, "A Scots woman."),
+    ("en+grandpa", 30, 70, 135, "An old man."),
+    ("en-029+f3", 65, 70, 190, "A quick woman."),
+    ("en-us+m8", 50, 30, 175, "A plain man."),
+    ("en+m5", 20, 50, 170, "A bass voice."),
+    ("en-us-nyc+f4", 75, 80, 200, "A NY woman."),
 ]
 
 # A seeded grammar: "the <adj> <noun> <verb> <prep> the <adj> <noun>" and shorter variants.
@@ -106,9 +114,10 @@ def sentence(rng):
     return f"{subject} {verb} {rng.choice(PREPOSITIONS)} the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
 
 
-def prompt(spoken):
-    """The manifest's text for a spoken line: the shared description, then the line in quotes."""
-    return f'{DESCRIPTION} "{spoken}"'
+def prompt(spoken, description=DESCRIPTION):
+    """The manifest's text for a spoken line: the description (the shared one unless given), then
+    the line in quotes."""
+    return f'{description} "{spoken}"'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +276,7 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
     if (out / "wavs").is_dir():
         shutil.rmtree(out / "wavs")  # a stale build's clips: other settings, other files
     rows = {split: [] for split in SPLITS}
+    base_rows = []  # base.jsonl: each train row, then the same clip under its voice's own description
     transcripts = []
     total_seconds = 0.0
     for k, voice in enumerate(VOICES[:speakers]):
@@ -285,12 +295,17 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
             total_seconds += len(wav) / SAMPLE_RATE
             rows[split].append({"audio": rel, "text": prompt(text), "speaker": spk,
                                 "source": SOURCE, "id": utt_id})
+            if split == "train":
+                base_rows += [rows[split][-1], {**rows[split][-1], "text": prompt(text, voice[4]),
+                                                "id": f"{utt_id}_described"}]
             transcripts.append(f"{utt_id}\t{spk}\t{split}\t{text}")
     manifests = {}
     for split in SPLITS:
         name = f"{split}.jsonl"
         files.write_text(out / name, "".join(json.dumps(r) + "\n" for r in rows[split]))
         manifests[split] = name
+    files.write_text(out / "base.jsonl", "".join(json.dumps(r) + "\n" for r in base_rows))
+    manifests["base"] = "base.jsonl"
     files.write_text(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
     info = {"hash": digest, "settings": settings, "manifests": manifests,
             "speakers": {f"spk{k:02d}": {"voice": v[0], "pitch": v[1], "range": v[2], "rate": v[3],

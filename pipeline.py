@@ -12,7 +12,8 @@ to the next:
 
     sv     runs/<name>_sv/sv.safetensors           (train_sv.py: the tiny_sv speaker encoder, when the
                                                     config's speaker_extractors name it)
-    base   runs/<name>_base/dit.safetensors        (the DiT + text connector, from scratch)
+    base   runs/<name>_base/dit.safetensors        (the DiT + text connector, from scratch, on the corpus's
+                                                    base.jsonl: each clip also under its voice's description)
     lora   runs/<name>_lora/lora.safetensors       (stage 1 on the frozen base)
     merge  runs/<name>/merged.safetensors          (merge.py: the LoRA folded into the base)
     adaln  runs/<name>_adaln/adaln.safetensors     (stage 2: SpeakerAdaLNZero on the frozen merge)
@@ -59,6 +60,7 @@ def paths(cfg):
     run = Path(cfg.out_dir) / cfg.name
     corpus = Path(cfg.corpus_dir)
     out = {"run": run, "corpus": corpus, "train": corpus / "train.jsonl", "val": corpus / "val.jsonl",
+           "base_train": corpus / "base.jsonl", "base_cache": Path(cfg.cache_dir) / "base",
            "judge_split": corpus / "judge.jsonl", "val_unseen": corpus / "val_unseen.jsonl",
            "judge_unseen": corpus / "judge_unseen.jsonl", "merged": run / "merged.safetensors",
            "samples": run / "samples", "judge": run / "judge.pt", "judge_json": run / "judge.json",
@@ -145,9 +147,23 @@ def step_sv(cfg, p, yamls, overrides):
 
 
 def step_prepare(cfg, p, yamls, overrides):
-    """data.py prepare: latents, text features and speaker features of train and val, cached."""
+    """data.py prepare: latents, text features and speaker features of train and val, cached; and of
+    the base stage's own training set when the corpus has one (`base_data`)."""
     run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['train']}", f"--val_manifest={p['val']}"],
                 p["run"] / "logs" / "prepare.log")
+    if "base" in cfg.pipeline and p["base_train"].is_file():
+        run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['base_train']}",
+                     f"--val_manifest={p['val']}", f"--cache_dir={p['base_cache']}"],
+                    p["run"] / "logs" / "prepare_base.log")
+
+
+def base_data(cfg, p):
+    """(manifest, cache directory) the base stage trains on: the corpus's `base.jsonl` (each clip
+    also under its voice's own description, corpus.py) in a cache of its own when the corpus has
+    one, else the train split every stage uses."""
+    if p["base_train"].is_file():
+        return p["base_train"], p["base_cache"]
+    return p["train"], cfg.cache_dir
 
 
 def train_stage(stage, ckpt):
@@ -155,9 +171,10 @@ def train_stage(stage, ckpt):
     def step(cfg, p, yamls, overrides):
         stage_yaml = [cfg.stage_configs[stage]] if stage in cfg.stage_configs else []
         # a pipeline run redoes its stages: each replaces its previous run (train.py refuses without it)
+        manifest, cache = base_data(cfg, p) if stage == "base" else (p["train"], cfg.cache_dir)
         args = ["train.py", *yamls, *stage_yaml, "--overwrite=true", *overrides, f"--stage={stage}",
-                f"--name={cfg.name}_{stage}", f"--manifest={p['train']}", f"--val_manifest={p['val']}",
-                f"--ckpt={p[ckpt] if ckpt else ''}"]
+                f"--name={cfg.name}_{stage}", f"--manifest={manifest}", f"--val_manifest={p['val']}",
+                f"--cache_dir={cache}", f"--ckpt={p[ckpt] if ckpt else ''}"]
         if stage == "adaln" and cfg.lora_speaker:  # stage 2 starts from the AdaLN trained with the LoRA
             args.append(f"--adaln_init={p['lora_dir'] / STAGE_OUTPUT['adaln']}")
         # train_processes > 1: the same command under torchrun, one process per GPU (or gloo CPU process)

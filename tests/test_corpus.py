@@ -30,7 +30,7 @@ def rows_of(info, split):
 
 def test_manifests(tiny):
     out, info = tiny
-    assert set(info["manifests"]) == {"train", "val", "judge", "val_unseen", "judge_unseen"}
+    assert set(info["manifests"]) == {"train", "val", "judge", "val_unseen", "judge_unseen", "base"}
     assert rows_of(info, "val_unseen") == rows_of(info, "judge_unseen") == []  # no held-out voice asked for
     ids = []
     for split in ("train", "val", "judge"):
@@ -53,6 +53,21 @@ def test_manifests(tiny):
     by_id = {line.split("\t")[0]: line.split("\t")[3] for line in lines}
     for row in rows_of(info, "val"):
         assert row["text"].endswith(f'"{by_id[row["id"]]}"')
+
+
+def test_base_manifest_describes_each_voice(tiny):
+    """base.jsonl (the base DiT's training set) is train.jsonl with every clip a second time, under
+    its own voice's description; nothing else (no val or judge clip, no other wording)."""
+    _, info = tiny
+    train, base = rows_of(info, "train"), rows_of(info, "base")
+    assert base[0::2] == train  # the shared-description rows, as in train.jsonl
+    descriptions = {f"spk{k:02d}": v[4] for k, v in enumerate(corpus.VOICES)}
+    assert len(set(descriptions.values())) == len(descriptions)  # a description names one voice
+    for shared, described in zip(base[0::2], base[1::2]):
+        spoken = shared["text"].split('"')[1]
+        assert described == {**shared, "id": shared["id"] + "_described",
+                             "text": f'{descriptions[shared["speaker"]]} "{spoken}"'}
+    assert len({r["id"] for r in base}) == len(base)
 
 
 def test_manifest_reads_with_data_py(tiny):
@@ -122,7 +137,7 @@ def test_deterministic(tmp_path):
         return {p.relative_to(tmp_path / name): p.read_bytes()
                 for p in sorted((tmp_path / name).rglob("*")) if p.is_file() and p.name != "corpus.json"}
     a, b, c = build("a", 0), build("b", 0), build("c", 1)
-    assert len(a) == 8 * 3 + 6 and a == b  # clips + 5 manifests + transcripts.tsv
+    assert len(a) == 8 * 3 + 7 and a == b  # clips + 6 manifests + transcripts.tsv
     assert a[Path("transcripts.tsv")] != c[Path("transcripts.tsv")]
 
 
@@ -158,6 +173,7 @@ def test_unseen_voices_are_held_out_of_training(tmp_path):
     speakers = {split: {r["speaker"] for r in rows_of(info, split)} for split in corpus.SPLITS}
     assert speakers["train"] == speakers["val"] == speakers["judge"] == {"spk00", "spk01", "spk02"}
     assert speakers["val_unseen"] == speakers["judge_unseen"] == {"spk03", "spk04"}
+    assert {r["speaker"] for r in rows_of(info, "base")} == {"spk00", "spk01", "spk02"}  # nor the base's
     assert len(rows_of(info, "val_unseen")) == 2 and len(rows_of(info, "judge_unseen")) == 2 * 3
     assert [info["speakers"][f"spk{k:02d}"]["seen"] for k in range(5)] == [True] * 3 + [False] * 2
     for split in ("train", "val", "judge"):
@@ -190,4 +206,6 @@ def test_tiny_prompts_fit_max_text_len():
     max_text_len = yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())["max_text_len"]
     ids, mask = text.byte_tokenize([prompt], max_text_len)
     assert int(mask.sum()) == len(prompt.encode()) + 1  # every byte and the BOS survive
+    # the base's described prompts: no voice's description is longer than the shared one
+    assert max(len(v[4].encode()) for v in corpus.VOICES) <= len(corpus.DESCRIPTION.encode())
     assert max_text_len - (len(prompt) + 1) <= 2  # and little padding is left on the longest prompt
