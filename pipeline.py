@@ -151,9 +151,10 @@ def step_prepare(cfg, p, yamls, overrides):
     the base stage's own training set when the corpus has one (`base_data`)."""
     run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['train']}", f"--val_manifest={p['val']}"],
                 p["run"] / "logs" / "prepare.log")
-    if "base" in cfg.pipeline and p["base_train"].is_file():
-        run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['base_train']}",
-                     f"--val_manifest={p['val']}", f"--cache_dir={p['base_cache']}"],
+    manifest, cache = base_data(cfg, p)
+    if "base" in cfg.pipeline and manifest != p["train"]:
+        run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={manifest}",
+                     f"--val_manifest={p['val']}", f"--cache_dir={cache}"],
                     p["run"] / "logs" / "prepare_base.log")
 
 
