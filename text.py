@@ -37,6 +37,7 @@ CONNECTOR_PRESETS = {
     "ltx23_audio": dict(heads=32, head_dim=64, layers=8, registers=128, gated=True),
     "ltx20_audio": dict(heads=30, head_dim=128, layers=2, registers=128, gated=False),
     "tiny": dict(heads=4, head_dim=64, layers=2, registers=16, gated=True),
+    "tiny192": dict(heads=3, head_dim=64, layers=2, registers=16, gated=True),
     "micro": dict(heads=2, head_dim=16, layers=1, registers=8, gated=True),
 }
 # the audio-video presets share their audio stream, hence their audio connector
