@@ -88,9 +88,9 @@ PRESETS = {
     "ltx20_audio": DiTConfig(gated_attention=False, cross_attention_adaln=False, caption_channels=3840, stg_block=29),
     # CPU-sized 2.3-style models for experiments and tests
     "tiny": DiTConfig(num_layers=6, heads=4, head_dim=64, cross_attention_dim=256, stg_block=3),
-    # tiny, 3 heads wide: the tiny pipeline's base. A step costs ~0.6x tiny's on a CPU, and at the
+    # tiny, 3 heads wide: the tiny pipeline's base. A training step costs ~0.65x tiny's on a CPU, and at the
     # pipeline's few minutes of training the extra steps buy more than the width: at equal wall time
-    # val loss 0.397 -> 0.361, DNSMOS OVR of its samples 1.09 -> 1.44 (records/2026-11-30_narrow_base.md)
+    # val loss 0.397 -> 0.361, DNSMOS OVR of its unconditional samples 1.09 -> 1.44 (records/2026-11-30_narrow_base.md)
     "tiny192": DiTConfig(num_layers=6, heads=3, head_dim=64, cross_attention_dim=192, stg_block=3),
     "micro": DiTConfig(num_layers=2, heads=2, head_dim=16, in_channels=16, cross_attention_dim=32, stg_block=1),
     # LTX-2.3 22B audio-video transformer: 18,988,838,144 params (tests/data/ltx23/README.md)
