@@ -49,11 +49,12 @@ def test_stage_outputs_chain(run):
     # the base trains on the corpus's base.jsonl (clips also under their voice's description) in a cache
     # of its own; the stages with the speaker path on the train split (one shared description)
     base_cfg = json.loads((runs / "smoke_base" / "config.json").read_text())["config"]
-    assert (base_cfg["manifest"], base_cfg["cache_dir"]) == (str(tmp / "corpus" / "base.jsonl"), str(tmp / "cache" / "base"))
+    assert (base_cfg["manifest"], base_cfg["cache_dir"]) == (str(tmp / "corpus" / "base.jsonl"),
+                                                             str(tmp / "cache" / "base"))
     for cfg in (lora_cfg, adaln_cfg):
         assert (cfg["manifest"], cfg["cache_dir"]) == (str(tmp / "corpus" / "train.jsonl"), str(tmp / "cache"))
-    base_index = json.loads((tmp / "cache" / "base" / "train" / "index.json").read_text())
-    assert len(base_index["items"]) == 2 * len(json.loads((tmp / "cache" / "train" / "index.json").read_text())["items"])
+    items = {d: json.loads((tmp / "cache" / d / "index.json").read_text())["items"] for d in ("base/train", "train")}
+    assert len(items["base/train"]) == 2 * len(items["train"])
     # the merge changed the adapted weights (LoRA B is trained away from zero) and only those
     with safe_open(str(runs / "smoke_base" / "dit.safetensors"), "pt") as base, \
             safe_open(str(runs / "smoke" / "merged.safetensors"), "pt") as merged:
