@@ -233,11 +233,16 @@ def step_sample(cfg, p, yamls, overrides):
         model, codec, text_encoder, connector, adaln_net, speaker = sample_lib.load_pipeline(args, device, dtype)
         spk_cfg = cfg.sample_spk_cfg if variant == "adaln_guided" else 1.0
         settings = dict(steps=cfg.sample_steps, cfg=cfg.sample_cfg, stg=0.0, spk_cfg=spk_cfg, rescale=0.0,
-                        batch_size=cfg.sample_batch)
-        wavs = sample_lib.sample(model, codec, text_encoder, connector, [i[0] for i in items],
-                                 seeds=[i[2] for i in items], ref_wavs=[refs[i[1]] for i in items],
+                        temperature=cfg.sample_temperature, batch_size=cfg.sample_batch)
+        # The baseline never hears the reference: one generation per (prompt, seed, length) is every
+        # voice's sample (the same audio, bit for bit), so it is made once, not once per voice.
+        keys = [item if adaln else (item[0], None, *item[2:]) for item in items]
+        unique = list(dict.fromkeys(keys))
+        made = sample_lib.sample(model, codec, text_encoder, connector, [k[0] for k in unique],
+                                 seeds=[k[2] for k in unique], ref_wavs=[refs.get(k[1]) for k in unique],
                                  ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
-                                 duration=[i[3] for i in items], device=device, dtype=dtype, **settings)
+                                 duration=[k[3] for k in unique], device=device, dtype=dtype, **settings)
+        wavs = [made[i] for i in map({k: i for i, k in enumerate(unique)}.get, keys)]
         for group in ("", "_unseen"):  # held-out voices apart: the MLP judge knows only the seen ones
             out_dir = p["samples"] / f"{variant}{group}"
             if out_dir.is_dir():
@@ -251,7 +256,8 @@ def step_sample(cfg, p, yamls, overrides):
                     "duration_s": round(seconds, 2),
                     "ckpt": str(p["merged"]), "adaln": str(p["adaln"]) if adaln else None, **settings}
             audio.write_wav(path, wav, codec.output_rate, meta)
-        print(f"    {variant}: {len(wavs)} samples in {time.time() - t0:.1f} s -> {p['samples'] / variant}"
+        print(f"    {variant}: {len(wavs)} samples ({len(unique)} generated) in {time.time() - t0:.1f} s -> "
+              f"{p['samples'] / variant}"
               + ("{,_unseen}" if unseen else ""), flush=True)
 
 

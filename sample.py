@@ -70,6 +70,8 @@ def add_guidance_args(p):
                    help="speaker from --ref via SpeakerAdaLNZero deltas, DramaBox reference tokens, both, or none")
     p.add_argument("--shift_tokens", type=int, default=0, help="token count the σ-schedule shift is read from "
                    f"(0: {DEFAULT_SHIFT_TOKENS} as the reference pipelines; DramaBox: {DRAMABOX_SHIFT_TOKENS})")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1 = the "
+                   "reference pipelines'; < 1: cleaner, less varied audio from a small model, e.g. 0.7 for the tiny preset)")
     p.add_argument("--batch_size", type=int, default=4)
 
 
@@ -277,7 +279,8 @@ def sample_kwargs(args, device):
                 rescale=args.rescale, duration="auto" if args.duration == "auto" else float(args.duration),
                 device=device, dtype=compute_dtype(device, args.dtype), batch_size=args.batch_size,
                 ref_mode=args.ref_mode,
-                negative_prompt=args.negative_prompt, shift_tokens=args.shift_tokens or None)
+                negative_prompt=args.negative_prompt, shift_tokens=args.shift_tokens or None,
+                temperature=args.temperature)
 
 
 def main(argv=None):

@@ -186,7 +186,7 @@ def equal_shape_batches(T, ref_lat, ref_deltas, batch_size):
 def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=None, ref_mode="adaln",
            adaln=None, speaker=None, steps=30, cfg=7.0, stg=1.0, stg_blocks=None, spk_cfg=1.0,
            rescale=0.7, duration="auto", device="cpu", dtype=torch.float32, batch_size=4,
-           negative_prompt="", shift_tokens=None, progress=True):
+           negative_prompt="", shift_tokens=None, temperature=1.0, progress=True):
     """Generate one waveform per (prompt, seed[, reference]) item; returns a list of (C, N) tensors
     at `codec.output_rate`, in the order of `prompts`.
 
@@ -197,9 +197,14 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     `batch_size`; each item's noise comes from its own generator seeded with its seed, so an item's
     audio does not depend on what else is in its batch. stg_blocks: None = the model's STG block.
     shift_tokens: token count of the σ-schedule shift (None: 4096, the reference pipelines').
+    temperature: scale of the starting noise (1: the reference pipelines'). Below 1 the sampler starts
+    nearer the middle of the noise distribution: less varied, cleaner audio from a model too small or
+    too briefly trained to make its whole distribution well (Grad-TTS and Matcha-TTS sample at 0.667).
     """
     if ref_mode not in REF_MODES:
         raise ValueError(f"ref_mode must be one of {REF_MODES}, got {ref_mode!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     n = len(prompts)
     seeds = _as_list(seeds, n, "seeds")
     refs = _as_list(ref_wavs, n, "ref_wavs")
@@ -225,8 +230,8 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     out = [None] * n
     for idx in batches:
         t = T[idx[0]]
-        noise = torch.stack([torch.randn(t, F_lat, generator=torch.Generator().manual_seed(int(seeds[i])))
-                             for i in idx]).to(device)  # (B, T, F), drawn on CPU: the same on any device
+        noise = temperature * torch.stack([torch.randn(t, F_lat, generator=torch.Generator().manual_seed(int(seeds[i])))
+                                           for i in idx]).to(device)  # (B, T, F), drawn on CPU: the same on any device
         texts = [prompts[i] for i in idx] + [negative_prompt]
         feats, mask = text_encoder.encode(texts)
         ctx_all = connector(feats, mask).float()  # (B+1, L, D)

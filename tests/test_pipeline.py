@@ -11,6 +11,7 @@ from safetensors import safe_open
 import adaln as adaln_lib
 import model as model_lib
 import pipeline
+import sample as sample_lib
 import train
 from config import load_config
 
@@ -18,12 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 MICRO = str(ROOT / "configs" / "micro.yaml")
 
 
+GENERATED = []  # items per sample() call of the run's sample step, in VARIANTS order
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     argv = [MICRO, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}",
             "--name=smoke"]
-    summary = pipeline.main(argv)
+    real_sample = sample_lib.sample
+
+    def counting_sample(*args, **kwargs):
+        GENERATED.append(len(args[4]))  # the prompts
+        return real_sample(*args, **kwargs)
+
+    sample_lib.sample = counting_sample
+    try:
+        summary = pipeline.main(argv)
+    finally:
+        sample_lib.sample = real_sample
     return tmp, summary
 
 
@@ -102,6 +116,14 @@ def test_samples_cover_every_prompt_and_speaker(run):
             # references are held-out clips, never the generator's or the judge's training clips
             assert all(Path(m["ref"]).parent.parent.name == "wavs" and any(m["ref"].endswith(r["audio"]) for r in refs)
                        for m in metas)
+    # the baseline never hears the reference: each prompt is generated once and is every voice's sample
+    assert GENERATED == [len(val), len(val) * 5, len(val) * 5]  # baseline, adaln, adaln_guided; 3 + 2 voices
+    baseline = {}
+    for d in ("baseline", "baseline_unseen"):
+        for side in sorted((tmp / "runs" / "smoke" / "samples" / d).glob("*.json")):
+            meta = json.loads(side.read_text())
+            baseline.setdefault((meta["prompt"], meta["duration_s"]), set()).add(side.with_suffix(".wav").read_bytes())
+    assert len(baseline) == len(val) and all(len(v) == 1 for v in baseline.values())
     train_speakers = {r["speaker"] for r in rows("train")}
     assert train_speakers == {"spk00", "spk01", "spk02"}  # the held-out voices were never trained on
     guided = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln_guided").glob("*.json")).read_text())

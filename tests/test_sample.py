@@ -255,6 +255,24 @@ def test_same_seed_same_audio_regardless_of_batch():
     assert not torch.allclose(together[0], _sample(model, prompts[:1], [43])[0])  # the seed matters
 
 
+def test_temperature_scales_the_starting_noise(monkeypatch):
+    seen = []
+    real_denoise = sampler.denoise
+
+    def spy(model, noise, *args, **kwargs):
+        seen.append(noise.clone())
+        return real_denoise(model, noise, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "denoise", spy)
+    model = _tiny_dit(4)
+    plain = _sample(model, ["x", "y"], [3, 4])
+    cool = _sample(model, ["x", "y"], [3, 4], temperature=0.5)
+    torch.testing.assert_close(seen[1], 0.5 * seen[0], rtol=0, atol=0)  # the same draw, scaled
+    assert seen[0].std() > 0.5 and not torch.allclose(plain[0], cool[0])
+    with pytest.raises(ValueError, match="temperature"):
+        _sample(model, ["x"], [3], temperature=0.0)
+
+
 def test_reference_tokens_and_durations_in_sample():
     model = _tiny_dit(3)
     g = torch.Generator().manual_seed(5)
