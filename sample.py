@@ -71,7 +71,7 @@ def add_guidance_args(p):
     p.add_argument("--shift_tokens", type=int, default=0, help="token count the σ-schedule shift is read from "
                    f"(0: {DEFAULT_SHIFT_TOKENS} as the reference pipelines; DramaBox: {DRAMABOX_SHIFT_TOKENS})")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1 = the "
-                   "reference pipelines'; < 1: cleaner, less varied audio from a small model, e.g. 0.7 for the tiny preset)")
+                   "reference pipelines'; < 1: cleaner, less varied audio from a small model: 0.6 for the tiny preset)")
     p.add_argument("--batch_size", type=int, default=4)
 
 
@@ -333,6 +333,8 @@ def main_av(args, prompts, seeds, device, dtype):
     JSON sidecar."""
     if args.ref or args.adaln:
         raise SystemExit("--av samples without a speaker reference (--ref / --adaln are for the audio-only model)")
+    if args.temperature != 1.0:
+        raise SystemExit("--av samples at temperature 1 (--temperature is for the audio-only model)")
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:

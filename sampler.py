@@ -230,8 +230,9 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     out = [None] * n
     for idx in batches:
         t = T[idx[0]]
-        noise = temperature * torch.stack([torch.randn(t, F_lat, generator=torch.Generator().manual_seed(int(seeds[i])))
-                                           for i in idx]).to(device)  # (B, T, F), drawn on CPU: the same on any device
+        noise = torch.stack([torch.randn(t, F_lat, generator=torch.Generator().manual_seed(int(seeds[i])))
+                             for i in idx]).to(device)  # (B, T, F), drawn on CPU: the same on any device
+        noise = temperature * noise
         texts = [prompts[i] for i in idx] + [negative_prompt]
         feats, mask = text_encoder.encode(texts)
         ctx_all = connector(feats, mask).float()  # (B+1, L, D)

@@ -114,3 +114,7 @@ def test_cli_writes_audio_video_latents_and_sidecar(tmp_path):
                   "--prompt", "x", "--steps", "1", "--frames", "9", "--size", "32x32", "--out",
                   str(tmp_path / "x.wav"), "--device", "cpu"], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "audio-video" in bad.stderr and "audio.safetensors" in bad.stderr
+    warm = run_py([os.path.join(ROOT, "sample.py"), "--av", "--ckpt", str(ckpt), "--config", str(config),
+                   "--prompt", "x", "--temperature", "0.6", "--out", str(tmp_path / "y.wav"), "--device", "cpu"],
+                  cwd=tmp_path, check=False)  # the joint sampler starts from unit noise only: refused, not ignored
+    assert warm.returncode != 0 and "--temperature" in warm.stderr and not (tmp_path / "y.wav").exists()
