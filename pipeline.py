@@ -242,7 +242,8 @@ def step_sample(cfg, p, yamls, overrides):
                                  seeds=[k[2] for k in unique], ref_wavs=[refs.get(k[1]) for k in unique],
                                  ref_mode="adaln" if adaln else "none", adaln=adaln_net, speaker=speaker,
                                  duration=[k[3] for k in unique], device=device, dtype=dtype, **settings)
-        wavs = [made[i] for i in map({k: i for i, k in enumerate(unique)}.get, keys)]
+        position = {k: i for i, k in enumerate(unique)}
+        wavs = [made[position[k]] for k in keys]
         for group in ("", "_unseen"):  # held-out voices apart: the MLP judge knows only the seen ones
             out_dir = p["samples"] / f"{variant}{group}"
             if out_dir.is_dir():
