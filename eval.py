@@ -45,6 +45,7 @@ Other code adds per-sample numbers with `add_metric_rows(table, metric, values)`
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -185,17 +186,25 @@ def metric_dnsmos(samples, wavs, device, batch_size=8, max_windows=None):
 
     model = DNSMOS().to(device).eval()
     out = {"dnsmos_sig": {}, "dnsmos_bak": {}, "dnsmos_ovr": {}}
-    by_length = {}  # clips of one batch must share a length
+    # Identical audio is scored once (a baseline that never hears the reference is the same clip for
+    # every voice); clips of one batch must share a length.
+    copies, by_length = {}, {}
     for s in samples:
-        by_length.setdefault(wavs[s["id"]].numel(), []).append(s["id"])
+        wav = wavs[s["id"]]
+        key = (wav.numel(), hashlib.sha1(wav.numpy().tobytes()).hexdigest())
+        if key not in copies:
+            by_length.setdefault(wav.numel(), []).append(key)
+        copies.setdefault(key, []).append(s["id"])
     with torch.no_grad():
-        for ids in by_length.values():
-            for j in range(0, len(ids), batch_size):
-                chunk = ids[j:j + batch_size]
-                scores = model(torch.stack([wavs[i] for i in chunk]).to(device), max_windows=max_windows)
+        for keys in by_length.values():
+            for j in range(0, len(keys), batch_size):
+                chunk = keys[j:j + batch_size]
+                batch = torch.stack([wavs[copies[key][0]] for key in chunk]).to(device)
+                scores = model(batch, max_windows=max_windows)
                 for k in ("sig", "bak", "ovr"):
-                    for i, v in zip(chunk, scores[k].tolist()):
-                        out[f"dnsmos_{k}"][i] = v
+                    for key, v in zip(chunk, scores[k].tolist()):
+                        for i in copies[key]:
+                            out[f"dnsmos_{k}"][i] = v
     return out
 
 

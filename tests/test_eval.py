@@ -329,6 +329,22 @@ def test_dnsmos_on_a_spread_subset_and_one_window(tmp_path):
     assert table["dnsmos_ovr"]["a/0001"] == pytest.approx(float(want["ovr"][0]), abs=1e-5)
 
 
+def test_dnsmos_scores_identical_audio_once(tmp_path, monkeypatch):
+    """A baseline that never hears the reference writes the same clip for every voice: DNSMOS runs
+    once per distinct clip and every copy gets its score."""
+    import dnsmos
+
+    samples = _speech_samples(tmp_path, 4, seconds=1.5)  # b/0000, a/0001, b/0002, a/0003: four clips
+    wavs = {s["id"]: audio.read_mono16k(s["path"]) for s in samples}
+    wavs["b/0002"] = wavs["b/0000"].clone()  # the same audio under another name
+    rows = []
+    forward = dnsmos.DNSMOS.forward
+    monkeypatch.setattr(dnsmos.DNSMOS, "forward", lambda self, x, **kw: rows.append(len(x)) or forward(self, x, **kw))
+    table = ev.metric_dnsmos(samples, wavs, torch.device("cpu"), max_windows=1)
+    assert sum(rows) == 3 and set(table["dnsmos_ovr"]) == set(wavs)
+    assert table["dnsmos_ovr"]["b/0002"] == table["dnsmos_ovr"]["b/0000"] != table["dnsmos_ovr"]["a/0001"]
+
+
 def _espeak_corpus(root, voices, per_voice, seed):
     """A manifest of eSpeak clips (corpus.py's engine), like the corpus's judge split."""
     import corpus
