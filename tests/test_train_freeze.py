@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from train import MasterWeights, allreduce_grads, weight_change
+from config import Config
+from train import MasterWeights, allreduce_grads, make_optimizer, weight_change
 
 
 def _lora_like(seed=0):
@@ -52,6 +53,30 @@ def test_bf16_adamw_freezes_and_masters_fix_it():
         r.grad = g.float()
         opt.step()
     assert torch.equal(q.detach(), r.detach().to(torch.bfloat16))
+
+
+def test_make_optimizer_is_fused_and_steps_like_the_loop_adamw():
+    """train.make_optimizer's AdamW is fused (one kernel over every tensor, ~4x faster on CPU than
+    torch's default loop) and makes the loop's updates; with bf16 params it steps the fp32 masters."""
+    cfg = Config(lr=1e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(32, 16, generator=g), torch.randn(16, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(10)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    loop = [torch.nn.Parameter(t.clone()) for t in start]
+    masters, opt = make_optimizer(cfg, ours)
+    assert masters is None and opt.defaults["fused"]
+    ref = torch.optim.AdamW(loop, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, foreach=False)
+    for step in grads:
+        for params, o in ((ours, opt), (loop, ref)):
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            o.step()
+    for a, b, t in zip(ours, loop, start):
+        assert (a - b).abs().max() < 1e-6 and (a - t).abs().mean() > 1e-3  # the same updates, and they moved
+    low = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in start]
+    masters, opt = make_optimizer(cfg, low)
+    assert masters is not None and opt.defaults["fused"] and opt.param_groups[0]["params"][0].dtype == torch.float32
 
 
 def test_weight_change_report_flags_frozen_tensors():
