@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peak_rss  # noqa: E402
 import timing  # noqa: E402
 import train  # noqa: E402
-from bench_presets import Step  # noqa: E402
+from bench_presets import Step, add_step_args  # noqa: E402
 
 VARIANTS = ("fused", "loop")
 
@@ -71,12 +71,7 @@ def same_updates(args, n=10):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny192")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=63, help="audio latents per clip (25 per second)")
-    ap.add_argument("--text_len", type=int, default=74)
-    ap.add_argument("--steps", type=int, default=16, help="timed rounds")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--rss-of", dest="rss_of", default="", help=argparse.SUPPRESS)
+    add_step_args(ap, steps=16)
     return ap.parse_args(argv)
 
 

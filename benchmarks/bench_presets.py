@@ -51,16 +51,21 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
 
 
+def add_step_args(ap, steps):
+    """The batch, timing and memory-child flags of a benchmark built on `Step` (also bench_optimizer.py)."""
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=63, help="audio latents per clip (25 per second)")
+    ap.add_argument("--text_len", type=int, default=74)
+    ap.add_argument("--steps", type=int, default=steps, help="timed rounds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--rss-of", dest="rss_of", default="", help=argparse.SUPPRESS)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny192", help="the preset timed")
     ap.add_argument("--ref", default="tiny", help="the preset it is timed against")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=63, help="audio latents per clip (25 per second)")
-    ap.add_argument("--text_len", type=int, default=74)
-    ap.add_argument("--steps", type=int, default=10, help="timed rounds")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--rss-of", dest="rss_of", default="", help=argparse.SUPPRESS)
+    add_step_args(ap, steps=10)
     return ap.parse_args(argv)
 
 
