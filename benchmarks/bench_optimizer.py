@@ -32,7 +32,7 @@ VARIANTS = ("fused", "loop")
 def make_step(variant, args):
     """A Step whose optimizer is train.make_optimizer's ("fused") or the per-tensor loop ("loop")."""
     step = Step(args.model, args)
-    params = [p for p in step.opt.param_groups[0]["params"]]
+    params = list(step.opt.param_groups[0]["params"])
     if variant == "fused":
         _, step.opt = train.make_optimizer(step.cfg, params)
         assert step.opt.defaults["fused"], "train.make_optimizer no longer builds a fused AdamW"
