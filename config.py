@@ -141,6 +141,7 @@ class Config:
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
     sample_temperature: float = 1.0  # starting noise x this (sample.py --temperature; 1 = the reference pipelines')
+    sample_eta: float = 0.0  # share of fresh noise per sampling step (sample.py --eta; 0 = the reference pipelines' Euler)
     sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
     sample_prompts: int = 0  # the first N val prompts are spoken by every reference (0 = all of them)
     sample_batch: int = 32
@@ -305,8 +306,8 @@ BOUNDS = {
     "mel_n_fft": (2, None), "griffin_lim_iters": (0, None), "lora_rank": (1, None), "adaln_hidden": (1, None),
     "aux_clips": (0, None), "sv_steps": (0, None), "sv_batch": (2, None), "sv_dim": (1, None),
     "sv_lr": (0, None), "sv_crop_seconds": (0.1, None), "sv_margin": (0, 1), "sv_scale": (0, None),
-    "sample_steps": (1, None), "sample_batch": (1, None), "sample_temperature": (0, None), "corpus_speakers": (1, None),
-    "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
+    "sample_steps": (1, None), "sample_batch": (1, None), "sample_temperature": (0, None), "sample_eta": (0, 1),
+    "corpus_speakers": (1, None), "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
     "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),
     "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
     "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "corpus_val_frac": (0, 1),

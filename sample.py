@@ -72,6 +72,8 @@ def add_guidance_args(p):
                    f"(0: {DEFAULT_SHIFT_TOKENS} as the reference pipelines; DramaBox: {DRAMABOX_SHIFT_TOKENS})")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1 = the "
                    "reference pipelines'; < 1: cleaner, less varied audio from a small model: 0.6 for the tiny preset)")
+    p.add_argument("--eta", type=float, default=0.0, help="share of the noise drawn afresh at every step, 0-1 (0 = "
+                   "the reference pipelines' deterministic Euler; 0.3 for the tiny preset)")
     p.add_argument("--batch_size", type=int, default=4)
 
 
@@ -280,7 +282,7 @@ def sample_kwargs(args, device):
                 device=device, dtype=compute_dtype(device, args.dtype), batch_size=args.batch_size,
                 ref_mode=args.ref_mode,
                 negative_prompt=args.negative_prompt, shift_tokens=args.shift_tokens or None,
-                temperature=args.temperature)
+                temperature=args.temperature, eta=args.eta)
 
 
 def main(argv=None):
@@ -335,6 +337,8 @@ def main_av(args, prompts, seeds, device, dtype):
         raise SystemExit("--av samples without a speaker reference (--ref / --adaln are for the audio-only model)")
     if args.temperature != 1.0:
         raise SystemExit("--av samples at temperature 1 (--temperature is for the audio-only model)")
+    if args.eta != 0.0:
+        raise SystemExit("--av samples with the deterministic Euler sampler (--eta is for the audio-only model)")
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:

@@ -110,14 +110,25 @@ def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
 @torch.no_grad()
 def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, deltas=None,
             cfg=1.0, stg=0.0, stg_blocks=(), spk_cfg=1.0, rescale=0.0, dtype=torch.float32,
-            progress=None):
+            eta=0.0, fresh_noise=None, progress=None):
     """Run the Euler sampler from `noise` (B, T, F) to x0 (B, T, F), fp32.
 
     context / neg_context: (B, L, D) connector outputs of the prompts and the negative prompt.
     ref_latent: (B, Tr, F) clean reference tokens appended after the target (σ = 0, +0.5 s
     positions, asymmetric mask) or None. deltas: (B, blocks, rows*D) SpeakerAdaLNZero deltas or None.
     Every pass (cond, uncond, STG, no-speaker) goes into one forward of batch P*B per step.
+
+    eta: share of the noise drawn afresh at every step (0: the deterministic Euler sampler of the
+    reference pipelines). A step writes x_t = (1-σ) x0 + σ ε; Euler carries the step's implied
+    noise ε̂ = (x - (1-σ) x0̂) / σ to the next σ unchanged, x' = (1-σ') x0̂ + σ' ε̂. With eta > 0
+    it carries √(1-η²) ε̂ + η z instead, z = fresh_noise() (B, T, F), the flow-matching analogue of
+    DDIM's η (η = 1: every step re-noised from scratch). The fresh draws pull the trajectory back
+    towards noise the model was trained on, where a small model's deterministic path drifts.
     """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if eta and fresh_noise is None:
+        raise ValueError("eta > 0 needs fresh_noise (a function returning (B, T, F) noise)")
     B, T, _ = noise.shape
     device = noise.device
     Tr = 0 if ref_latent is None else ref_latent.shape[1]
@@ -157,8 +168,11 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
         parts = dict(zip(passes, x0.unbind(0)))
         pred = guided_x0(parts["cond"], parts.get("uncond"), parts.get("stg"), parts.get("nospk"),
                          cfg=cfg, stg=stg, spk_cfg=spk_cfg, rescale=rescale)
-        # Euler on the velocity implied by the guided x0, as the reference's stepper.
-        x = x + (x - pred) / sigma * (sigma_next - sigma)
+        if eta and sigma_next > 0:
+            implied = (x - (1 - sigma) * pred) / sigma
+            x = (1 - sigma_next) * pred + sigma_next * (math.sqrt(1 - eta * eta) * implied + eta * fresh_noise())
+        else:  # Euler on the velocity implied by the guided x0, as the reference's stepper
+            x = x + (x - pred) / sigma * (sigma_next - sigma)
         if progress is not None:
             progress.update(1)
     return x
@@ -186,7 +200,7 @@ def equal_shape_batches(T, ref_lat, ref_deltas, batch_size):
 def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=None, ref_mode="adaln",
            adaln=None, speaker=None, steps=30, cfg=7.0, stg=1.0, stg_blocks=None, spk_cfg=1.0,
            rescale=0.7, duration="auto", device="cpu", dtype=torch.float32, batch_size=4,
-           negative_prompt="", shift_tokens=None, temperature=1.0, progress=True):
+           negative_prompt="", shift_tokens=None, temperature=1.0, eta=0.0, progress=True):
     """Generate one waveform per (prompt, seed[, reference]) item; returns a list of (C, N) tensors
     at `codec.output_rate`, in the order of `prompts`.
 
@@ -200,6 +214,9 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     temperature: scale of the starting noise (1: the reference pipelines'). Below 1 the sampler starts
     nearer the middle of the noise distribution: less varied, cleaner audio from a model too small or
     too briefly trained to make its whole distribution well (Grad-TTS and Matcha-TTS sample at 0.667).
+    eta: the share of fresh noise per step (`denoise`), drawn from the item's own generator after
+    its starting noise and scaled by `temperature`; eta = 0 draws nothing more, so the samples
+    are those of the deterministic sampler bit for bit.
     """
     if ref_mode not in REF_MODES:
         raise ValueError(f"ref_mode must be one of {REF_MODES}, got {ref_mode!r}")
@@ -230,9 +247,12 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     out = [None] * n
     for idx in batches:
         t = T[idx[0]]
-        noise = torch.stack([torch.randn(t, F_lat, generator=torch.Generator().manual_seed(int(seeds[i])))
-                             for i in idx]).to(device)  # (B, T, F), drawn on CPU: the same on any device
-        noise = temperature * noise
+        gens = [torch.Generator().manual_seed(int(seeds[i])) for i in idx]
+
+        def draw():  # (B, T, F) × temperature, drawn on CPU (the same on any device), each item from its own generator
+            return temperature * torch.stack([torch.randn(t, F_lat, generator=g) for g in gens]).to(device)
+
+        noise = draw()
         texts = [prompts[i] for i in idx] + [negative_prompt]
         feats, mask = text_encoder.encode(texts)
         ctx_all = connector(feats, mask).float()  # (B+1, L, D)
@@ -242,7 +262,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         sigmas = ltx2_sigmas(steps, shift_tokens)
         x0 = denoise(model, noise, context, neg_context, sigmas=sigmas, ref_latent=ref, deltas=deltas,
                      cfg=cfg, stg=stg, stg_blocks=stg_blocks, spk_cfg=spk_cfg, rescale=rescale,
-                     dtype=dtype, progress=bar)
+                     dtype=dtype, eta=eta, fresh_noise=draw, progress=bar)
         wav = codec.decode(x0).float().cpu()  # (B, C, N)
         check_generated(x0, wav)
         for j, i in enumerate(idx):

@@ -273,6 +273,65 @@ def test_temperature_scales_the_starting_noise(monkeypatch):
         _sample(model, ["x"], [3], temperature=0.0)
 
 
+class ConstantV(torch.nn.Module):
+    """A stand-in DiT whose velocity is a fixed tensor: x0̂ = x_t - σ v is known at every step."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, x, sigma, *args, **kwargs):
+        return self.v.expand_as(x)
+
+
+def test_eta_step_renoises_the_x0_estimate():
+    """One step from σ to σ' with eta: x' = (1-σ') x0̂ + σ' (√(1-η²) ε̂ + η z), ε̂ = (x - (1-σ) x0̂)/σ;
+    eta = 0 is the Euler step; the last step (σ' = 0) returns x0̂ and draws nothing."""
+    g = torch.Generator().manual_seed(0)
+    x, v, z = (torch.randn(2, 5, 4, generator=g) for _ in range(3))
+    ctx = torch.zeros(2, 3, 8)
+    sigma, nxt = 0.8, 0.5
+    x0 = x - sigma * v
+    eps = (x - (1 - sigma) * x0) / sigma
+    draws = []
+
+    def fresh():
+        draws.append(1)
+        return z
+
+    for eta in (0.0, 0.3, 1.0):
+        got = sampler.denoise(ConstantV(v), x, ctx, ctx, sigmas=torch.tensor([sigma, nxt]), eta=eta, fresh_noise=fresh)
+        want = (1 - nxt) * x0 + nxt * (math.sqrt(1 - eta ** 2) * eps + eta * z)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    euler = sampler.denoise(ConstantV(v), x, ctx, ctx, sigmas=torch.tensor([sigma, nxt]))
+    torch.testing.assert_close(euler, x + (nxt - sigma) * v, rtol=1e-6, atol=1e-6)  # η = 0: the Euler step
+    assert len(draws) == 2  # η = 0 draws nothing
+    last = sampler.denoise(ConstantV(v), x, ctx, ctx, sigmas=torch.tensor([sigma, 0.0]), eta=1.0, fresh_noise=fresh)
+    torch.testing.assert_close(last, x0, rtol=1e-6, atol=1e-6)
+    assert len(draws) == 2
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="eta"):
+            sampler.denoise(ConstantV(v), x, ctx, ctx, sigmas=torch.tensor([sigma, nxt]), eta=bad, fresh_noise=fresh)
+    with pytest.raises(ValueError, match="fresh_noise"):
+        sampler.denoise(ConstantV(v), x, ctx, ctx, sigmas=torch.tensor([sigma, nxt]), eta=0.5)
+
+
+def test_eta_noise_comes_from_each_items_seed():
+    """With eta the fresh noise is drawn from the item's own generator: a sample does not depend on its
+    batch, changes with eta, and eta = 0 leaves the deterministic samples as they were."""
+    model = _tiny_dit(5)
+    prompts = ["a 'one two'", "b 'three'", "c"]
+    kw = dict(steps=3, eta=0.5, temperature=0.6)
+    together = _sample(model, prompts, [11, 12, 13], **kw)
+    alone = _sample(model, prompts[2:], [13], batch_size=1, **kw)
+    torch.testing.assert_close(together[2], alone[0], rtol=1e-4, atol=1e-4)  # batch size changes only fp rounding
+    plain = _sample(model, prompts, [11, 12, 13], steps=3, temperature=0.6)
+    zero = _sample(model, prompts, [11, 12, 13], steps=3, temperature=0.6, eta=0.0)
+    for a, b, c in zip(plain, zero, together):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(a, c, atol=1e-3)
+
+
 def test_reference_tokens_and_durations_in_sample():
     model = _tiny_dit(3)
     g = torch.Generator().manual_seed(5)

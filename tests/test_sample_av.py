@@ -118,3 +118,7 @@ def test_cli_writes_audio_video_latents_and_sidecar(tmp_path):
                    "--prompt", "x", "--temperature", "0.6", "--out", str(tmp_path / "y.wav"), "--device", "cpu"],
                   cwd=tmp_path, check=False)  # the joint sampler starts from unit noise only: refused, not ignored
     assert warm.returncode != 0 and "--temperature" in warm.stderr and not (tmp_path / "y.wav").exists()
+    eta = run_py([os.path.join(ROOT, "sample.py"), "--av", "--ckpt", str(ckpt), "--config", str(config),
+                  "--prompt", "x", "--eta", "0.3", "--out", str(tmp_path / "z.wav"), "--device", "cpu"],
+                 cwd=tmp_path, check=False)  # the joint sampler is Euler only: refused, not ignored
+    assert eta.returncode != 0 and "--eta" in eta.stderr and not (tmp_path / "z.wav").exists()
