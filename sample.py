@@ -73,7 +73,7 @@ def add_guidance_args(p):
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1 = the "
                    "reference pipelines'; < 1: cleaner, less varied audio from a small model: 0.6 for the tiny preset)")
     p.add_argument("--eta", type=float, default=0.0, help="share of the noise drawn afresh at every step, 0-1 (0 = "
-                   "the reference pipelines' deterministic Euler; 0.3 for the tiny preset)")
+                   "the reference pipelines' deterministic Euler; 0.5 for the tiny preset)")
     p.add_argument("--batch_size", type=int, default=4)
 
 
