@@ -141,7 +141,7 @@ class Config:
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
     sample_temperature: float = 1.0  # starting noise x this (sample.py --temperature; 1 = the reference pipelines')
-    sample_eta: float = 0.0  # share of fresh noise per sampling step (sample.py --eta; 0 = the reference pipelines' Euler)
+    sample_eta: float = 0.0  # share of fresh noise per sampling step (sample.py --eta; 0 = the reference Euler)
     sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
     sample_prompts: int = 0  # the first N val prompts are spoken by every reference (0 = all of them)
     sample_batch: int = 32

@@ -121,9 +121,10 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
     eta: share of the noise drawn afresh at every step (0: the deterministic Euler sampler of the
     reference pipelines). A step writes x_t = (1-σ) x0 + σ ε; Euler carries the step's implied
     noise ε̂ = (x - (1-σ) x0̂) / σ to the next σ unchanged, x' = (1-σ') x0̂ + σ' ε̂. With eta > 0
-    it carries √(1-η²) ε̂ + η z instead, z = fresh_noise() (B, T, F), the flow-matching analogue of
-    DDIM's η (η = 1: every step re-noised from scratch). The fresh draws pull the trajectory back
-    towards noise the model was trained on, where a small model's deterministic path drifts.
+    it carries √(1-η²) ε̂ + η z instead, z = fresh_noise() (B, T, F): a knob between a deterministic
+    and a stochastic sampler, as DDIM's η is; at η = 1 every step's estimate is re-noised from
+    scratch (a consistency model's multistep sampler). The fresh draws pull the path back towards
+    noise the model was trained on, where a small model's deterministic path drifts.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
@@ -249,7 +250,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         t = T[idx[0]]
         gens = [torch.Generator().manual_seed(int(seeds[i])) for i in idx]
 
-        def draw():  # (B, T, F) × temperature, drawn on CPU (the same on any device), each item from its own generator
+        def draw(t=t, gens=gens):  # (B, T, F) × temperature, each item from its own generator, on CPU (any device)
             return temperature * torch.stack([torch.randn(t, F_lat, generator=g) for g in gens]).to(device)
 
         noise = draw()
