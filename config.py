@@ -85,6 +85,7 @@ class Config:
     offload_masters: bool = True  # masters + Adam state on the CPU (pinned on CUDA)
     sigma_sampler: str = "shifted_logit_normal"  # shifted_logit_normal | uniform | fixed
     sigma_fixed: float = 0.5  # the σ of sigma_sampler=fixed
+    sigma_mu_offset: float = 0.0  # added to the shifted logit-normal's μ (losses.sample_sigma): > 0 trains more at high σ
     # --- stage 1: LoRA (lora.py) -------------------------------------------------------------
     lora_targets: list[str] = field(default_factory=lambda: ["laionbox"])  # presets or name patterns
     lora_rank: int = 64
@@ -310,7 +311,8 @@ BOUNDS = {
     "corpus_speakers": (1, None), "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
     "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),
     "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
-    "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "corpus_val_frac": (0, 1),
+    "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "sigma_mu_offset": (-5, 5),
+    "corpus_val_frac": (0, 1),
     "min_seconds": (0, None), "max_seconds": (0, None), "ref_max_seconds": (0, None), "aux_sigma_max": (0, None),
     "aux_max_seconds": (0, None), "aux_crop_seconds": (0, None), "val_spk_sigma": (0, 1),
 }

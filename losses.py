@@ -32,12 +32,14 @@ def shift_for_tokens(n_tokens):
 
 
 def sample_sigma(batch, n_tokens, *, mode="shifted_logit_normal", generator=None, std=1.0,
-                 uniform_prob=UNIFORM_PROB, eps=SIGMA_EPS, fixed_value=0.5):
+                 uniform_prob=UNIFORM_PROB, eps=SIGMA_EPS, fixed_value=0.5, mu_offset=0.0):
     """σ per sample, (batch,) fp32 on the CPU (move it yourself), drawn from `generator`.
 
     shifted_logit_normal (ltx-trainer's default): σ = sigmoid(N(μ, std)) with μ = shift_for_tokens,
     rescaled linearly so that the 0.5th..99.9th percentiles of that law span [0, 1], values below
     eps reflected to 2·eps - σ, clamped to [0, 1]; with probability uniform_prob a U[eps, 1) draw.
+    mu_offset is added to μ (0: ltx-trainer's law): > 0 moves the draws towards σ = 1, where a
+    speaker-only stage 2 has its work (the voice is laid down in the first, noisiest steps).
     uniform: U[0, 1). fixed: every σ = fixed_value (overfitting and validation runs).
     The draws come in ltx-trainer's order (normal, uniform, coin), so on the same seed the values
     equal its sampler's bit for bit (checked against a copy of it outside the repo).
@@ -48,13 +50,13 @@ def sample_sigma(batch, n_tokens, *, mode="shifted_logit_normal", generator=None
         return torch.rand(batch, generator=generator)
     if mode != "shifted_logit_normal":
         raise ValueError(f"sigma_sampler: unknown mode {mode!r} (shifted_logit_normal | uniform | fixed)")
-    mu = shift_for_tokens(n_tokens)
+    mu = shift_for_tokens(n_tokens) + mu_offset
     sigma = torch.sigmoid(torch.randn(batch, generator=generator) * std + mu)
     lo = torch.sigmoid(torch.tensor(mu + Z_LOW * std))
     hi = torch.sigmoid(torch.tensor(mu + Z_HIGH * std))
     if hi <= lo:  # both bounds round to 1 in fp32 (~50k tokens): the stretch would divide by zero
-        raise ValueError(f"sigma_sampler: {n_tokens} tokens give shift {mu:.1f}, where the shifted "
-                         "logit-normal degenerates in fp32; use a shorter sequence or sigma_sampler=uniform")
+        raise ValueError(f"sigma_sampler: {n_tokens} tokens (mu_offset {mu_offset:g}) give μ {mu:.1f}, where the "
+                         "shifted logit-normal degenerates in fp32; use a shorter sequence or sigma_sampler=uniform")
     sigma = (sigma - lo) / (hi - lo)
     sigma = torch.where(sigma >= eps, sigma, 2 * eps - sigma).clamp(0, 1)
     uniform = eps + (1 - eps) * torch.rand(batch, generator=generator)

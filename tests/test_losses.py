@@ -22,12 +22,13 @@ def logit(p):
     return math.log(p / (1 - p))
 
 
-def reference_cdf(s, n_tokens, eps=1e-3, uniform_prob=0.1):
+def reference_cdf(s, n_tokens, eps=1e-3, uniform_prob=0.1, mu_offset=0.0):
     """P(σ ≤ s) of ltx-trainer's ShiftedLogitNormalTimestepSampler (Lightricks/LTX-2,
     packages/ltx-trainer/src/ltx_trainer/timestep_samplers.py), derived on paper for eps ≤ s < 1:
     Y = (sigmoid(Z) - lo) / (hi - lo), Z ~ N(μ, 1), lo/hi = sigmoid(μ - 2.5758), sigmoid(μ + 3.0902);
-    reflection Y → 2·eps - Y below eps gives P(Y ≤ s) - P(Y < 2·eps - s); mixed with U[eps, 1)."""
-    mu = min(0.95 + 1.1 * (n_tokens - 1024) / 3072, 2.05)
+    reflection Y → 2·eps - Y below eps gives P(Y ≤ s) - P(Y < 2·eps - s); mixed with U[eps, 1).
+    mu_offset: speakerbox's shift of μ (ltx-trainer's law at 0)."""
+    mu = min(0.95 + 1.1 * (n_tokens - 1024) / 3072, 2.05) + mu_offset
     lo, hi = 1 / (1 + math.exp(-(mu - 2.5758))), 1 / (1 + math.exp(-(mu + 3.0902)))
 
     def p_y_below(y):
@@ -60,6 +61,18 @@ def test_sigma_sampler_follows_the_reference_law(n_tokens):
     assert max(abs(e - x) for e, x in zip(empirical, expected)) < 0.0044
     # reflection doubles the density just above eps: no hole between eps and 2·eps
     assert ((sigma > 1e-3) & (sigma < 2e-3)).float().mean() > 0
+
+
+@pytest.mark.parametrize("mu_offset", [1.0, -0.5])
+def test_sigma_mu_offset_moves_the_law(mu_offset):
+    """mu_offset shifts μ of the same law (stretch bounds included), and 0 leaves ltx-trainer's draws untouched."""
+    sigma = losses.sample_sigma(200_000, 250, generator=torch.Generator().manual_seed(0), mu_offset=mu_offset)
+    grid = [0.002, 0.05, 0.2, 0.5, 0.7, 0.9, 0.97, 0.999]
+    empirical = [(sigma <= s).float().mean().item() for s in grid]
+    assert max(abs(reference_cdf(s, 250, mu_offset=mu_offset) - e) for s, e in zip(grid, empirical)) < 0.0044
+    plain = losses.sample_sigma(200_000, 250, generator=torch.Generator().manual_seed(0))
+    assert (sigma.median() > plain.median()) == (mu_offset > 0)
+    assert torch.equal(plain, losses.sample_sigma(200_000, 250, generator=torch.Generator().manual_seed(0), mu_offset=0.0))
 
 
 def test_sigma_mean_rises_with_token_count():

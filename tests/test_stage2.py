@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 import data
+import losses
 import train
 from config import load_config
 from conftest import MICRO
@@ -129,3 +130,15 @@ def test_refl_decodes_the_middle_crop(micro_corpus):
     assert torch.equal(clip, want)
     whole = train.AuxLosses(load_config([*micro_corpus[1], *MICRO, "--aux_crop_seconds=0"]), torch.device("cpu"))
     assert whole.decode16(x0, crop_batch, [0])[0].shape[0] > clip.shape[0] * 7
+
+
+def test_noised_inputs_draw_sigma_with_the_configs_mu_offset(micro_corpus):
+    # configs/tiny_adaln.yaml trains stage 2 at sigma_mu_offset 1: the key must reach the σ draw
+    cfg, parts, batch = _stage2_parts(micro_corpus, ["--sigma_mu_offset=1.5"])
+    n_tokens = int(batch["loss_mask"].sum(1).float().mean().item())
+    B = batch["x0"].shape[0]
+    _, sigma, timesteps, _ = train.noised_inputs(batch, torch.Generator().manual_seed(7), cfg)
+    want = losses.sample_sigma(B, n_tokens, generator=torch.Generator().manual_seed(7), mu_offset=1.5)
+    plain = losses.sample_sigma(B, n_tokens, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(sigma, want) and not torch.equal(sigma, plain)
+    assert torch.equal(timesteps[~batch["ref_mask"]], sigma[:, None].expand_as(timesteps)[~batch["ref_mask"]])
