@@ -85,7 +85,7 @@ class Config:
     offload_masters: bool = True  # masters + Adam state on the CPU (pinned on CUDA)
     sigma_sampler: str = "shifted_logit_normal"  # shifted_logit_normal | uniform | fixed
     sigma_fixed: float = 0.5  # the σ of sigma_sampler=fixed
-    sigma_mu_offset: float = 0.0  # added to the shifted logit-normal's μ (losses.sample_sigma): > 0 trains more at high σ
+    sigma_mu_offset: float = 0.0  # added to the shifted logit-normal's μ (losses.sample_sigma): > 0, more high σ
     # --- stage 1: LoRA (lora.py) -------------------------------------------------------------
     lora_targets: list[str] = field(default_factory=lambda: ["laionbox"])  # presets or name patterns
     lora_rank: int = 64
