@@ -330,13 +330,17 @@ def micro_generator(cfg, step, micro_index):
     return torch.Generator().manual_seed(hash((cfg.seed, step, micro_index)) % (2**63))
 
 
+def sigma_law(cfg):
+    """The config's σ law as losses.sample_sigma keywords (audio and AV draws alike)."""
+    return dict(mode=cfg.sigma_sampler, fixed_value=cfg.sigma_fixed, mu_offset=cfg.sigma_mu_offset)
+
+
 def noised_inputs(batch, gen, cfg):
     """x_t, σ per sample, per-token timesteps (0 on reference tokens) and the noise."""
     x0 = batch["x0"]  # (B, T, F)
     B = x0.shape[0]
     n_tokens = int(batch["loss_mask"].sum(1).float().mean().item())
-    sigma = losses.sample_sigma(B, n_tokens, mode=cfg.sigma_sampler, generator=gen, fixed_value=cfg.sigma_fixed,
-                                mu_offset=cfg.sigma_mu_offset)
+    sigma = losses.sample_sigma(B, n_tokens, generator=gen, **sigma_law(cfg))
     noise = torch.randn(x0.shape, generator=gen)
     sigma, noise = sigma.to(x0.device), noise.to(x0.device)
     frozen = batch["ref_mask"]  # (B, T) reference tokens keep σ = 0
@@ -449,8 +453,7 @@ def av_inputs(cfg, batch, gen):
     v0, a0 = batch["video_x0"], batch["audio_x0"]
     n_audio = int(batch["audio_mask"].sum(1).float().mean().item())
     sv, sa = losses.sample_av_sigmas(v0.shape[0], v0.shape[1], n_audio, independent=cfg.av_sigma == "independent",
-                                     mode=cfg.sigma_sampler, generator=gen, fixed_value=cfg.sigma_fixed,
-                                     mu_offset=cfg.sigma_mu_offset)
+                                     generator=gen, **sigma_law(cfg))
     sa = torch.where(batch["has_audio"].cpu(), sa, torch.ones_like(sa))
     nv = torch.randn(v0.shape, generator=gen).to(v0.device)
     na = torch.randn(a0.shape, generator=gen).to(a0.device)

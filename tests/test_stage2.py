@@ -134,7 +134,9 @@ def test_refl_decodes_the_middle_crop(micro_corpus):
 
 def test_noised_inputs_draw_sigma_with_the_configs_mu_offset(micro_corpus):
     # configs/tiny_adaln.yaml trains stage 2 at sigma_mu_offset 1: the key must reach the σ draw
-    cfg, parts, batch = _stage2_parts(micro_corpus, ["--sigma_mu_offset=1.5"])
+    work, data_args = micro_corpus
+    cfg = load_config([*data_args, *MICRO, "--stage=adaln", "--sigma_mu_offset=1.5"])
+    batch = data.collate(data.load_cached(cfg, cfg.manifest, split="train"), [0, 1], cfg, epoch=0, step=0)
     n_tokens = int(batch["loss_mask"].sum(1).float().mean().item())
     B = batch["x0"].shape[0]
     _, sigma, timesteps, _ = train.noised_inputs(batch, torch.Generator().manual_seed(7), cfg)
