@@ -19,7 +19,12 @@ parent's, for a directory called `samples`). Metrics, each from local weights on
   independent listener that nothing in training uses) of the sample and its reference;
   ge2e_acc / ge2e_margin: identification against per-speaker centroids of the real clips of
   `--ge2e_split MANIFEST` (a corpus manifest: audio + speaker), for samples whose sidecar names
-  one of its speakers (margin: cosine to the own centroid minus the mean to the others).
+  one of its speakers (margin: cosine to the own centroid minus the mean to the others);
+- voiced / voiced_vs_ref / pitch_st: pitch (`pitch_track`, an autocorrelation pitch tracker, no
+  weights): the share of a sample's speech frames that have a pitch, that share minus its
+  reference's (below 0: the sample lost the voice's pitch, as a codec too coarse to resolve a low
+  voice's harmonics does), and the distance in semitones between the median pitch of the sample and
+  of its reference where both are voiced.
 A metric without its weights is reported as skipped, with the reason, never as a number.
 DNSMOS costs ~1 s of CPU per 9 s window: `--dnsmos_windows 1` scores the first window of each
 clip only (a short clip is repeated to 9 s, so its windows are near copies), `--dnsmos_per_variant
@@ -77,6 +82,9 @@ METRIC_INFO = {  # name: (description, higher is better)
     "ge2e_sim": ("GE2E (resemblyzer) cosine to the reference", True),
     "ge2e_acc": ("GE2E identification against the speaker centroids (1 = recognised)", True),
     "ge2e_margin": ("GE2E cosine to the own speaker's centroid minus the mean to the others", True),
+    "voiced": ("share of speech frames with a pitch", True),
+    "voiced_vs_ref": ("share of voiced speech frames minus the reference's", True),
+    "pitch_st": ("semitones between the median pitch of the sample and of its reference", False),
 }
 
 # -----------------------------------------------------------------------------------------------
@@ -164,6 +172,82 @@ def metric_spk_sim(samples, wavs, path, device):
         emb = extract(wavs[s["id"]][None].to(device)).float().cpu()
         out[s["id"]] = torch.nn.functional.cosine_similarity(emb, cache[ref]).item()
     return {"spk_sim": out}
+
+
+# An autocorrelation pitch tracker (Boersma 1993, the method of Praat's "To Pitch (ac)"): each
+# Hann-windowed frame's autocorrelation is divided by the window's own, so that a periodic frame
+# scores ~1 at its period however long the period is next to the frame.
+PITCH_FLOOR, PITCH_CEILING = 60.0, 400.0  # Hz: lowest and highest pitch searched
+VOICING_THRESHOLD = 0.45  # a frame is voiced when its normalised autocorrelation peak reaches this (Praat's)
+SPEECH_DB = 25.0  # speech frames: RMS within this many dB of the clip's loudest frame; the rest are not scored
+MIN_VOICED_FOR_PITCH = 0.2  # pitch_st only compares clips with at least this share of voiced frames
+
+
+def pitch_track(wav, sample_rate=SAMPLE_RATE, hop_s=0.01):
+    """(voiced (F,) bool, f0 (F,) Hz, 0 where unvoiced) over the speech frames of a mono clip (N,).
+
+    Frames hold three periods of the floor pitch (50 ms). The period is the shortest lag (within the
+    floor..ceiling range) whose autocorrelation peak comes within 10 % of the highest: a periodic
+    signal peaks as high at two periods as at one, and the shorter is its pitch. The peak's lag is
+    refined by a parabola through it and its neighbours.
+    """
+    wav = torch.as_tensor(wav, dtype=torch.float64).flatten()
+    size, hop = round(3 * sample_rate / PITCH_FLOOR), round(hop_s * sample_rate)
+    if wav.numel() < size:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+    frames = wav.unfold(0, size, hop)
+    frames = frames - frames.mean(1, keepdim=True)
+    rms = frames.pow(2).mean(1).sqrt()
+    frames = frames[rms > rms.max() * 10 ** (-SPEECH_DB / 20)]
+    window = torch.hann_window(size, periodic=False, dtype=torch.float64)
+
+    def autocorr(x):  # (..., size) -> (..., size) normalised to 1 at lag 0
+        ac = torch.fft.irfft(torch.fft.rfft(x, 2 * size).abs() ** 2, 2 * size)[..., :size]
+        return ac / ac[..., :1].clamp_min(1e-20)
+
+    r = autocorr(frames * window) / autocorr(window).clamp_min(1e-3)
+    lo, hi = int(sample_rate / PITCH_CEILING), int(sample_rate / PITCH_FLOOR)
+    mid = r[:, lo:hi + 1]
+    peak = (mid[:, 1:-1] > mid[:, :-2]) & (mid[:, 1:-1] >= mid[:, 2:])  # local maxima at lags lo+1..hi-1
+    height = torch.where(peak, mid[:, 1:-1], torch.zeros_like(mid[:, 1:-1]))
+    best = height.max(1).values
+    first = (height >= 0.9 * best[:, None]) & peak
+    lag = first.float().argmax(1) + lo + 1  # the shortest lag among the near-best peaks
+    rows = torch.arange(len(r))
+    a, b, c = r[rows, lag - 1], r[rows, lag], r[rows, lag + 1]
+    shift = 0.5 * (a - c) / (a - 2 * b + c).where((a - 2 * b + c).abs() > 1e-12, torch.full_like(a, -1e-12))
+    voiced = best >= VOICING_THRESHOLD
+    f0 = torch.where(voiced, sample_rate / (lag + shift.clamp(-0.5, 0.5)), torch.zeros_like(best))
+    return voiced, f0.float()
+
+
+def pitch_summary(wav):
+    """(share of voiced speech frames, median pitch in Hz of the voiced frames or 0)."""
+    voiced, f0 = pitch_track(wav)
+    if not len(voiced):
+        return 0.0, 0.0
+    return float(voiced.double().mean()), float(f0[voiced].median()) if voiced.any() else 0.0
+
+
+def metric_pitch(samples, wavs):
+    """voiced per sample; voiced_vs_ref and pitch_st for samples with a reference (`meta['ref']`)."""
+    out = {"voiced": {}, "voiced_vs_ref": {}, "pitch_st": {}}
+    refs = {}
+    for s in samples:
+        share, f0 = pitch_summary(wavs[s["id"]])
+        out["voiced"][s["id"]] = share
+        ref = s["meta"].get("ref")
+        if not ref:
+            continue
+        if ref not in refs:
+            if not os.path.isfile(ref):
+                raise FileNotFoundError(f"{s['path']}: its reference {ref} does not exist")
+            refs[ref] = pitch_summary(read_mono16k(ref))
+        ref_share, ref_f0 = refs[ref]
+        out["voiced_vs_ref"][s["id"]] = share - ref_share
+        if min(share, ref_share) >= MIN_VOICED_FOR_PITCH:
+            out["pitch_st"][s["id"]] = abs(12 * math.log2(f0 / ref_f0))
+    return out
 
 
 def spread_subset(samples, per_variant):
@@ -320,7 +404,7 @@ def _ge2e_reason():
     return None
 
 
-METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge", "ge2e")
+METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge", "ge2e", "pitch")
 
 
 def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
@@ -346,6 +430,7 @@ def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
          lambda: metric_judge(samples, wavs, args.judge)),
         ("ge2e", ["ge2e_sim", "ge2e_acc", "ge2e_margin"], _ge2e_reason(),
          lambda: metric_ge2e(samples, wavs, args.ge2e_split)),
+        ("pitch", ["voiced", "voiced_vs_ref", "pitch_st"], None, lambda: metric_pitch(samples, wavs)),
     ]
     why_empty = {"ge2e_acc": "no speaker split given (--ge2e_split MANIFEST)"} if not args.ge2e_split else {}
     why_empty["ge2e_margin"] = why_empty.get("ge2e_acc")
