@@ -10,7 +10,9 @@ Two codecs with one interface (`sample_rate`, `output_rate`, `channels`, `latent
   official checkpoint's `audio_vae.*` / `vocoder.*` keys, so the state dict loads strictly.
   Checked against ltx-core 1.0.0 in tests/test_codec.py.
 - `MelCodec`: normalised log-mel frames grouped 4 to a token (25 tokens/s), decoded by a
-  pseudo-inverse mel filterbank + Griffin-Lim. No weights; for small and CPU runs.
+  pseudo-inverse mel filterbank + Griffin-Lim; optionally each token projected onto the leading
+  principal components of a training set's tokens (`fit_mel_basis`, a "basis" file), so a finer
+  filterbank fits the same latent width. No network; for small and CPU runs.
 
 Round-trip a file to hear what the codec does to your data before training:
 
@@ -33,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from audio import SAMPLE_RATE, resample
-from files import load_prefixed_state, read_checkpoint_config
+from files import load_prefixed_state, load_safetensors, read_checkpoint_config, read_safetensors_metadata, save_safetensors
 
 # ------------------------------------------------------------------------------------------------
 # Audio IO
@@ -701,18 +703,31 @@ class MelCodec(nn.Module):
     1 kHz tone (+0.8) to +2.7; the speech-like test signal (peak 0.3) has mean -6.4, std 1.6.
     Decoded with the pseudo-inverse of the mel filterbank (torchaudio InverseMelScale's
     least-squares solution) and Griffin-Lim.
+
+    With a `basis` ({"mean": (4 n_mels,), "components": (D, 4 n_mels) orthonormal rows, "scale": (1,)},
+    or the path of a file `save_mel_basis` wrote) each token of 4 n_mels features is centred,
+    projected onto the D components and divided by `scale`: latent_dim = D. Decoding maps back
+    (the part of the token outside the components is lost, ~0.6 % of the variance for 64 mels -> 128).
+    The 32 Slaney mel bands are ~90 Hz apart below 1 kHz: the harmonics of a voice pitched at 100-150
+    Hz fall two to a band and the codec loses its pitch. 64 bands (~45 Hz apart) keep it, and the
+    basis fits their 256 features per token into the 128 of the LTX latent width.
     """
 
     frames_per_token = 4
 
     def __init__(self, n_mels=32, n_fft=512, griffin_lim_iters=32, mean=-6.0, std=2.5,
-                 sample_rate=SAMPLE_RATE, hop_length=160):
+                 sample_rate=SAMPLE_RATE, hop_length=160, basis=None):
         super().__init__()
         self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
         self.griffin_lim_iters, self.mean, self.std = griffin_lim_iters, mean, std
         self.sample_rate = self.output_rate = sample_rate
         self.channels = 1
-        self.latent_dim = self.frames_per_token * n_mels
+        self.frame_dim = self.frames_per_token * n_mels  # features per token before any projection
+        self.basis_path = basis if isinstance(basis, str) else ""
+        if isinstance(basis, str):
+            basis = load_mel_basis(basis, self) if basis else None
+        self.basis = None if basis is None else check_mel_basis(basis, self.frame_dim, self.basis_path or "basis")
+        self.latent_dim = self.frame_dim if self.basis is None else len(self.basis["components"])
         self.tokens_per_second = sample_rate // (hop_length * self.frames_per_token)  # 25
         self.grad_checkpointing = False  # nothing to checkpoint; kept for the common interface
         fb = slaney_mel_fb(n_fft, n_mels, sample_rate)  # (n_freqs, n_mels)
@@ -724,17 +739,26 @@ class MelCodec(nn.Module):
         return -(-(num_samples // self.hop_length + 1) // self.frames_per_token)
 
     def encode(self, wav):
-        """(B, C, N) at 16 kHz -> (B, T, 4 * n_mels) fp32; feature k * n_mels + m is frame k, bin m."""
+        """(B, C, N) at 16 kHz -> (B, T, latent_dim) fp32; without a basis, feature k * n_mels + m is
+        frame k, bin m."""
         wav = to_channels(wav.float(), 1)
         x = log_mel(wav, self.sample_rate, self.n_fft, self.hop_length, self.mel_fb)[:, 0]  # (B, F, M)
         x = (x - self.mean) / self.std
         floor = (math.log(1e-5) - self.mean) / self.std  # pad the last token with silence
         x = F.pad(x, (0, 0, 0, -x.shape[1] % self.frames_per_token), value=floor)
-        return x.flatten(1).unflatten(1, (-1, self.latent_dim))  # (B, T, 4*M)
+        x = x.flatten(1).unflatten(1, (-1, self.frame_dim))  # (B, T, 4*M)
+        if self.basis is not None:
+            b = {k: v.to(x.device) for k, v in self.basis.items()}
+            x = (x - b["mean"]) @ b["components"].T / b["scale"]  # (B, T, D)
+        return x
 
     def decode(self, latents):
-        """(B, T, 4 * n_mels) -> (B, 1, (4T - 1) * hop) waveform at 16 kHz (differentiable)."""
-        x = latents.float().unflatten(2, (self.frames_per_token, self.n_mels)).flatten(1, 2)  # (B, F, M)
+        """(B, T, latent_dim) -> (B, 1, (4T - 1) * hop) waveform at 16 kHz (differentiable)."""
+        x = latents.float()
+        if self.basis is not None:
+            b = {k: v.to(x.device) for k, v in self.basis.items()}
+            x = (x * b["scale"]) @ b["components"] + b["mean"]  # (B, T, 4*M)
+        x = x.unflatten(2, (self.frames_per_token, self.n_mels)).flatten(1, 2)  # (B, F, M)
         mel = torch.exp(x * self.std + self.mean).transpose(1, 2)  # (B, M, F)
         mag = torch.relu(self.mel_fb_pinv @ mel)  # (B, n_freqs, F)
         window = torch.hann_window(self.n_fft, device=mag.device)
@@ -753,7 +777,67 @@ class MelCodec(nn.Module):
                 "frames_per_token": self.frames_per_token}
 
     def encode_state(self):
-        return {}
+        """The basis's tensors (they change every latent), none without one."""
+        return {} if self.basis is None else dict(self.basis)
+
+
+MEL_BASIS_FORMAT = "speakerbox.mel_basis.v1"
+
+
+def fit_mel_basis(codec, wavs, dim):
+    """The `dim` leading principal components of the tokens of `wavs` [(N,) or (C, N) at the codec's
+    rate] under `codec` (a MelCodec without a basis): {"mean", "components", "scale"}. Each
+    component's sign makes its largest loading positive (a deterministic fit); `scale` makes the
+    projected tokens' overall standard deviation 1. A clip's last token, padded with silence, is
+    left out."""
+    if codec.basis is not None:
+        raise ValueError("fit_mel_basis needs the codec without a basis")
+    if not 0 < dim <= codec.frame_dim:
+        raise ValueError(f"basis dim must be in 1..{codec.frame_dim} (4 x {codec.n_mels} mels), got {dim}")
+    with torch.no_grad():
+        tokens = torch.cat([codec.encode(torch.as_tensor(w, dtype=torch.float32).reshape(1, -1, w.shape[-1]))[0, :-1]
+                            for w in wavs]).double()
+    if len(tokens) < dim:
+        raise ValueError(f"{len(tokens)} tokens cannot fit a {dim}-dim basis: give more audio")
+    mean = tokens.mean(0)
+    _, _, vh = torch.linalg.svd(tokens - mean, full_matrices=False)
+    comps = vh[:dim]
+    comps = comps * torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    scale = ((tokens - mean) @ comps.T).std().reshape(1)
+    return {"mean": mean.float(), "components": comps.float().contiguous(), "scale": scale.float()}
+
+
+def save_mel_basis(path, basis, codec, source=""):
+    """Write a basis (atomically, safetensors) with the codec settings it was fitted under."""
+    save_safetensors(basis, path, metadata={"format": MEL_BASIS_FORMAT, "codec": codec.settings(), "source": source})
+
+
+def check_mel_basis(basis, frame_dim, where):
+    """The basis tensors in fp32, or a clear error naming `where`."""
+    need = {"mean", "components", "scale"}
+    if set(basis) != need:
+        raise ValueError(f"{where}: a mel basis holds {sorted(need)}, got {sorted(basis)}")
+    mean, comps, scale = (basis[k].float() for k in ("mean", "components", "scale"))
+    if comps.ndim != 2 or comps.shape[1] != frame_dim or mean.shape != (frame_dim,) or scale.shape != (1,):
+        raise ValueError(f"{where}: basis shapes mean {tuple(mean.shape)}, components {tuple(comps.shape)}, scale "
+                         f"{tuple(scale.shape)} do not fit tokens of {frame_dim} features")
+    if not scale.item() > 0:
+        raise ValueError(f"{where}: basis scale must be > 0, got {scale.item()}")
+    return {"mean": mean, "components": comps, "scale": scale}
+
+
+def load_mel_basis(path, codec):
+    """A basis file for `codec` (a MelCodec's settings); refuses one fitted under other settings."""
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != MEL_BASIS_FORMAT:
+        raise ValueError(f"{path}: not a mel basis file (format {meta.get('format')!r}; write one with "
+                         "`python data.py fit_codec`)")
+    fitted = json.loads(meta.get("codec", "{}"))
+    if fitted != codec.settings():
+        diff = sorted(k for k in set(fitted) | set(codec.settings()) if fitted.get(k) != codec.settings().get(k))
+        raise ValueError(f"{path}: fitted for other codec settings ({', '.join(f'{k} {fitted.get(k)}' for k in diff)}; "
+                         f"this codec: {', '.join(f'{k} {codec.settings().get(k)}' for k in diff)})")
+    return load_safetensors(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -801,13 +885,28 @@ def codec_kwargs(cfg):
     """The build_codec options a run Config sets for its codec (the `mel_*` fields for "mel")."""
     if cfg.codec == "mel":
         return dict(n_mels=cfg.mel_n_mels, n_fft=cfg.mel_n_fft, griffin_lim_iters=cfg.griffin_lim_iters,
-                    mean=cfg.mel_mean, std=cfg.mel_std)
+                    mean=cfg.mel_mean, std=cfg.mel_std, basis=cfg.mel_basis)
     return {}
 
 
-def codec_from_config(cfg):
-    """build_codec from a run Config (`codec`, `codec_ckpt` and the `mel_*` fields)."""
-    return build_codec(cfg.codec, cfg.codec_ckpt, **codec_kwargs(cfg))
+def codec_from_config(cfg, fitting=False):
+    """build_codec from a run Config (`codec`, `codec_ckpt` and the `mel_*` fields). `fitting`: the
+    mel codec without its basis, to fit one (data.py fit_codec)."""
+    if cfg.codec != "mel" or not cfg.mel_basis_dim:
+        if cfg.codec == "mel" and cfg.mel_basis:
+            raise ValueError(f"mel_basis {cfg.mel_basis} is set but mel_basis_dim is 0: set mel_basis_dim to the "
+                             "basis's dim (or drop mel_basis)")
+        return build_codec(cfg.codec, cfg.codec_ckpt, **codec_kwargs(cfg))
+    if fitting:
+        return build_codec("mel", **{**codec_kwargs(cfg), "basis": None})
+    if not cfg.mel_basis:
+        raise ValueError(f"mel_basis_dim {cfg.mel_basis_dim} needs mel_basis, the fitted basis file: fit it with "
+                         "`python data.py fit_codec CONFIG --manifest=TRAIN.jsonl --mel_basis=OUT.safetensors`")
+    codec = build_codec("mel", **codec_kwargs(cfg))
+    if codec.latent_dim != cfg.mel_basis_dim:
+        raise ValueError(f"{cfg.mel_basis}: a basis of {codec.latent_dim} components, the config's mel_basis_dim "
+                         f"is {cfg.mel_basis_dim}")
+    return codec
 
 
 def codec_fingerprint(codec):
@@ -835,12 +934,12 @@ def main(argv=None):
     p.add_argument("output")
     p.add_argument("--codec", default=cfg.codec, choices=["mel", "ltx"])
     p.add_argument("--ckpt", default=cfg.codec_ckpt, help="LTX-2 checkpoint (codec ltx)")
-    for key in ("mel_n_mels", "mel_n_fft", "mel_mean", "mel_std", "griffin_lim_iters"):
+    keys = ("mel_n_mels", "mel_n_fft", "mel_mean", "mel_std", "mel_basis_dim", "mel_basis", "griffin_lim_iters")
+    for key in keys:
         p.add_argument(f"--{key}", type=type(getattr(cfg, key)), default=getattr(cfg, key))
     args = p.parse_args(argv)
-    codec = codec_from_config(dataclasses.replace(
-        cfg, codec=args.codec, codec_ckpt=args.ckpt, mel_n_mels=args.mel_n_mels, mel_n_fft=args.mel_n_fft,
-        mel_mean=args.mel_mean, mel_std=args.mel_std, griffin_lim_iters=args.griffin_lim_iters))
+    codec = codec_from_config(dataclasses.replace(cfg, codec=args.codec, codec_ckpt=args.ckpt,
+                                                  **{k: getattr(args, k) for k in keys}))
     wav = load_audio(args.input, codec.sample_rate, codec.channels)  # (C, N)
     with torch.no_grad():
         latents = codec.encode(wav[None])  # (1, T, latent_dim)

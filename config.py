@@ -40,6 +40,10 @@ class Config:
     mel_n_fft: int = 512
     mel_mean: float = -6.0  # fixed log-mel normalisation (not fitted): (log mel - mean) / std
     mel_std: float = 2.5
+    mel_basis_dim: int = 0  # > 0: each token's 4 x mel_n_mels features projected onto this many principal
+    # components of the train split's tokens (codec.fit_mel_basis; the pipeline's prepare step fits them,
+    # `python data.py fit_codec` by hand); 0: the features as they are
+    mel_basis: str = ""  # the fitted basis file (safetensors) every step encodes and decodes with
     griffin_lim_iters: int = 32  # decode quality vs CPU time
 
     # --- text (text.py) --------------------------------------------------------------------
@@ -304,6 +308,7 @@ CHOICES = {
 BOUNDS = {
     "global_batch": (1, None), "micro_batch": (1, None), "max_steps": (0, None), "log_every": (1, None),
     "val_every": (1, None), "ckpt_every": (1, None), "max_text_len": (1, None), "mel_n_mels": (1, None),
+    "mel_basis_dim": (0, None),
     "mel_n_fft": (2, None), "griffin_lim_iters": (0, None), "lora_rank": (1, None), "adaln_hidden": (1, None),
     "aux_clips": (0, None), "sv_steps": (0, None), "sv_batch": (2, None), "sv_dim": (1, None),
     "sv_lr": (0, None), "sv_crop_seconds": (0.1, None), "sv_margin": (0, 1), "sv_scale": (0, None),
@@ -353,6 +358,8 @@ def check_values(cfg, where=None):
     unknown = [k for k in cfg.aux_losses if k not in ("speaker", "dnsmos")]
     if unknown:
         fail("aux_losses", f"unknown losses {unknown} (speaker | dnsmos)")
+    if cfg.mel_basis_dim > 4 * cfg.mel_n_mels:
+        fail("mel_basis_dim", f"{cfg.mel_basis_dim} is more than a token's 4 x {cfg.mel_n_mels} mel features")
     if not cfg.name or cfg.name != cfg.name.strip():
         fail("name", f"{cfg.name!r} cannot name a run directory")
 

@@ -3,6 +3,8 @@ deterministic, resumable, sharded sampler.
 
     python data.py prepare [configs/x.yaml ...] --manifest=data/train.jsonl [--val_manifest=...] --cache_dir=cache
     python data.py scan_precomputed DIR        # check an official ltx-trainer `.precomputed` dir
+    python data.py fit_codec [configs/x.yaml ...] --manifest=data/train.jsonl --mel_basis=basis.safetensors
+                                               # the mel codec's basis (mel_basis_dim > 0) from the manifest's audio
 
 Training reads it back with `load_cached`, draws global batches with `BatchSampler`, takes this
 rank's share with `micro_batches` and builds each micro-batch with `collate`.
@@ -213,7 +215,8 @@ def cache_settings(cfg):
     training compares its own config with them (`check_cache_settings`). Speaker features are
     what stage 2 reads."""
     keys = ["codec", "text_encoder", "max_text_len", "speaker_extractors", "speaker_paths"]
-    keys += ["mel_n_mels", "mel_n_fft", "mel_mean", "mel_std"] if cfg.codec == "mel" else ["codec_ckpt"]
+    keys += ["mel_n_mels", "mel_n_fft", "mel_mean", "mel_std", "mel_basis_dim", "mel_basis"] if cfg.codec == "mel" \
+        else ["codec_ckpt"]
     if cfg.text_encoder == "byte" or not (cfg.text_ckpt or cfg.ckpt):
         keys.append("seed")  # it draws the byte encoder's Gemma, and a projection no checkpoint gives
     return {k: getattr(cfg, k) for k in keys}
@@ -826,12 +829,42 @@ def collate_av(dataset, indices, cfg, audio_width):
             "text": text, "video_text": video_text, "text_mask": text_mask, "ids": [s["id"] for s in samples]}
 
 
+def fit_codec(cfg):
+    """Fit the mel codec's basis (`mel_basis_dim` components) on the audio of `cfg.manifest` and write
+    it to `cfg.mel_basis`. Bad audio raises, naming the file, or with `skip_bad` is skipped and counted."""
+    from codec import codec_from_config, fit_mel_basis, save_mel_basis
+
+    if cfg.codec != "mel" or not cfg.mel_basis_dim or not cfg.mel_basis:
+        raise ValueError("fit_codec fits the mel codec's basis: it needs codec mel, mel_basis_dim > 0 and "
+                         f"--mel_basis=OUT (got codec {cfg.codec}, mel_basis_dim {cfg.mel_basis_dim}, "
+                         f"mel_basis {cfg.mel_basis!r})")
+    codec = codec_from_config(cfg, fitting=True)
+    wavs, skipped = [], Counter()
+    for item in read_manifest(cfg.manifest):
+        try:
+            wavs.append(read_audio(item.audio, codec.sample_rate, codec.channels, cfg.min_seconds, cfg.max_seconds)[0])
+        except BadInput as e:
+            if not cfg.skip_bad:
+                raise
+            skipped[e.reason] += 1
+    basis = fit_mel_basis(codec, wavs, cfg.mel_basis_dim)
+    Path(cfg.mel_basis).parent.mkdir(parents=True, exist_ok=True)
+    save_mel_basis(cfg.mel_basis, basis, codec, source=files.file_digest(cfg.manifest))
+    print(f"fit_codec: {cfg.mel_basis_dim} components of {codec.frame_dim} features per token from {len(wavs)} clips "
+          f"of {cfg.manifest}" + (f" (skipped {dict(skipped)})" if skipped else "") + f" -> {cfg.mel_basis}")
+    return basis
+
+
 def main(argv):
     from config import format_config, load_config
 
-    if not argv or argv[0] not in ("prepare", "scan_precomputed"):
+    if not argv or argv[0] not in ("prepare", "scan_precomputed", "fit_codec"):
         raise SystemExit("usage: python data.py prepare [config.yaml ...] [--key=value ...]\n"
-                         "       python data.py scan_precomputed DIR [--skip_bad=true]")
+                         "       python data.py scan_precomputed DIR [--skip_bad=true]\n"
+                         "       python data.py fit_codec [config.yaml ...] --manifest=M --mel_basis=OUT")
+    if argv[0] == "fit_codec":
+        fit_codec(load_config(argv[1:]))
+        return
     if argv[0] == "scan_precomputed":
         cfg = load_config(argv[2:])
         ds = PrecomputedDataset(argv[1], cfg, require_audio=False)

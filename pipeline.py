@@ -12,6 +12,8 @@ to the next:
 
     sv     runs/<name>_sv/sv.safetensors           (train_sv.py: the tiny_sv speaker encoder, when the
                                                     config's speaker_extractors name it)
+    prepare runs/<name>_codec/basis.safetensors    (data.py fit_codec: the mel codec's basis, when
+                                                    mel_basis_dim > 0 and no mel_basis is given)
     base   runs/<name>_base/dit.safetensors        (the DiT + text connector, from scratch, on the corpus's
                                                     base.jsonl: each clip also under its voice's description)
     lora   runs/<name>_lora/lora.safetensors       (stage 1 on the frozen base)
@@ -70,6 +72,7 @@ def paths(cfg):
         out[f"{stage}_dir"] = Path(cfg.out_dir) / f"{cfg.name}_{stage}"
         out[stage] = out[f"{stage}_dir"] / file
     out["sv"] = (Path(cfg.out_dir) / f"{cfg.name}_sv" / "sv.safetensors").resolve()
+    out["codec_basis"] = (Path(cfg.out_dir) / f"{cfg.name}_codec" / "basis.safetensors").resolve()
     return out
 
 
@@ -148,7 +151,11 @@ def step_sv(cfg, p, yamls, overrides):
 
 def step_prepare(cfg, p, yamls, overrides):
     """data.py prepare: latents, text features and speaker features of train and val, cached; and of
-    the base stage's own training set when the corpus has one (`base_data`)."""
+    the base stage's own training set when the corpus has one (`base_data`). First, when the config
+    asks for a mel basis and names no file of its own, data.py fit_codec fits it on the train split."""
+    if cfg.codec == "mel" and cfg.mel_basis_dim and Path(cfg.mel_basis) == p["codec_basis"]:
+        run_command(["data.py", "fit_codec", *yamls, *overrides, f"--manifest={p['train']}"],
+                    p["run"] / "logs" / "fit_codec.log")
     run_command(["data.py", "prepare", *yamls, *overrides, f"--manifest={p['train']}", f"--val_manifest={p['val']}"],
                 p["run"] / "logs" / "prepare.log")
     manifest, cache = base_data(cfg, p)
@@ -395,6 +402,10 @@ def main(argv=None):
         # the encoder the `sv` step trains (or trained in an earlier run of this name) feeds every stage
         cfg.speaker_paths = {**cfg.speaker_paths, "tiny_sv": str(p["sv"])}
         overrides = [*overrides, f"--speaker_paths={json.dumps(cfg.speaker_paths)}"]
+    if cfg.codec == "mel" and cfg.mel_basis_dim and not cfg.mel_basis:
+        # the basis the `prepare` step fits on the train split (or fitted in an earlier run of this name)
+        cfg.mel_basis = str(p["codec_basis"])
+        overrides = [*overrides, f"--mel_basis={cfg.mel_basis}"]
     # On shared cores one thread per process is several times faster than two (a thread that is
     # descheduled stalls every parallel op of the other at its barrier); alone on the machine, every
     # core is (cpu_threads 0). Reset on every call, and the caller's

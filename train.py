@@ -541,7 +541,7 @@ class AuxLosses:
 
     def __init__(self, cfg, device):
         self.cfg = cfg
-        self.codec = codec_lib.build_codec(cfg.codec, cfg.codec_ckpt, **codec_lib.codec_kwargs(cfg)).to(device).eval()
+        self.codec = codec_lib.codec_from_config(cfg).to(device).eval()
         self.codec.requires_grad_(False)
         self.codec.grad_checkpointing = True
         self.speaker = speaker_lib.build_speaker_extractors(cfg.speaker_extractors, cfg.speaker_paths, device)

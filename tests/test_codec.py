@@ -388,3 +388,86 @@ def test_cli_round_trips_a_file(tmp_path, capsys):
     out, rate = sf.read(tmp_path / "out.wav")
     assert rate == 16000 and abs(len(out) - 16000) <= 640
     assert "26 tokens" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------------------------
+# the mel codec's basis (principal components of a training set's tokens)
+
+
+def _speech_clips():
+    """Four clips of real (eSpeak) speech: tests/data/speech_16k.wav cut in four."""
+    wav, rate = sf.read(os.path.join(os.path.dirname(__file__), "data", "speech_16k.wav"), dtype="float32")
+    assert rate == 16000
+    return [torch.from_numpy(c.copy())[None] for c in np.array_split(wav, 4)]
+
+
+def test_mel_basis_is_the_principal_components_of_the_tokens():
+    """fit_mel_basis against numpy's eigendecomposition of the tokens' covariance: the same leading
+    directions (sign: the largest loading positive), orthonormal, overall unit spread once projected;
+    the codec with the basis encodes to those projections and decodes the projection back; with as
+    many components as features nothing is lost."""
+    plain = codec.MelCodec(n_mels=16, griffin_lim_iters=4)
+    clips = _speech_clips()
+    basis = codec.fit_mel_basis(plain, clips, 12)
+    with torch.no_grad():
+        tokens = torch.cat([plain.encode(c[None])[0, :-1] for c in clips]).double()
+    centred = (tokens - tokens.mean(0)).numpy()
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    top = vectors[:, ::-1][:, :12].T  # (12, 64), largest eigenvalue first
+    comps = basis["components"].double().numpy()
+    assert np.allclose(np.abs((comps * top).sum(1)), 1.0, atol=1e-4)  # the same directions
+    assert (comps[np.arange(12), np.abs(comps).argmax(1)] > 0).all()
+    assert np.allclose(comps @ comps.T, np.eye(12), atol=1e-5)
+    assert float(((tokens - tokens.mean(0)) @ torch.from_numpy(comps).T).std()) == pytest.approx(
+        basis["scale"].item(), rel=1e-5)
+    projected = codec.MelCodec(n_mels=16, griffin_lim_iters=4, basis=basis)
+    assert projected.latent_dim == 12
+    x = clips[0][None]
+    with torch.no_grad():
+        z, features = projected.encode(x), plain.encode(x)
+        assert z.shape == features.shape[:2] + (12,)
+        want = (features - basis["mean"]) @ basis["components"].T / basis["scale"]
+        assert torch.allclose(z, want, atol=1e-5)
+        # decoded without Griffin-Lim iterations (the magnitudes at zero phase): a continuous map, so
+        # float rounding stays rounding. 64 components lose nothing, 12 do lose something.
+        zero_phase = dict(n_mels=16, griffin_lim_iters=0)
+        want = codec.MelCodec(**zero_phase).decode(features)
+        full = codec.MelCodec(**zero_phase, basis=codec.fit_mel_basis(plain, clips, 64))
+        assert (full.decode(full.encode(x)) - want).abs().max() < 1e-4 * want.abs().max()
+        kept = codec.MelCodec(**zero_phase, basis=basis).decode(z)
+        assert (kept - want).abs().max() > 1e-2 * want.abs().max()
+    assert codec.codec_fingerprint(projected) != codec.codec_fingerprint(plain)
+    assert codec.codec_fingerprint(projected) != codec.codec_fingerprint(full)
+
+
+def test_mel_basis_file_round_trip_and_refusals(tmp_path):
+    """A saved basis loads back bit for bit (same fingerprint); a basis fitted under other codec
+    settings, a file that is not a basis and a basis of the wrong size are refused naming the file;
+    the config's mel_basis_dim must agree with the file."""
+    from config import load_config
+
+    plain = codec.MelCodec(n_mels=16)
+    basis = codec.fit_mel_basis(plain, _speech_clips(), 12)
+    path = tmp_path / "basis.safetensors"
+    codec.save_mel_basis(path, basis, plain)
+    loaded = codec.MelCodec(n_mels=16, basis=str(path))
+    assert codec.codec_fingerprint(loaded) == codec.codec_fingerprint(codec.MelCodec(n_mels=16, basis=basis))
+    with pytest.raises(ValueError, match=r"basis.safetensors: fitted for other codec settings \(n_mels 16"):
+        codec.MelCodec(n_mels=32, basis=str(path))
+    save_file({"w": torch.zeros(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="other.safetensors: not a mel basis file"):
+        codec.MelCodec(n_mels=16, basis=str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="bad: basis shapes"):
+        codec.check_mel_basis({**basis, "mean": torch.zeros(5)}, 64, "bad")
+    with pytest.raises(ValueError, match="basis dim must be in 1..64"):
+        codec.fit_mel_basis(plain, _speech_clips(), 65)
+    cfg = ["--codec=mel", "--mel_n_mels=16", f"--mel_basis={path}"]
+    assert codec.codec_from_config(load_config([*cfg, "--mel_basis_dim=12"])).latent_dim == 12
+    with pytest.raises(ValueError, match="a basis of 12 components, the config's mel_basis_dim is 8"):
+        codec.codec_from_config(load_config([*cfg, "--mel_basis_dim=8"]))
+    with pytest.raises(ValueError, match="mel_basis_dim is 0"):
+        codec.codec_from_config(load_config(cfg))
+    with pytest.raises(ValueError, match="mel_basis_dim 12 needs mel_basis"):
+        codec.codec_from_config(load_config(["--codec=mel", "--mel_n_mels=16", "--mel_basis_dim=12"]))
+    with pytest.raises(ValueError, match="mel_basis_dim.*more than a token's 4 x 16"):
+        load_config(["--mel_n_mels=16", "--mel_basis_dim=65"])

@@ -581,3 +581,34 @@ def test_prepare_cli_with_real_models(tmp_path, capsys):
     built = codec.build_codec(cfg.codec, cfg.codec_ckpt)
     batch = data.collate(ds, [0, 1], cfg)
     assert batch["x0"].shape[-1] == built.latent_dim
+
+
+def test_fit_codec_writes_the_basis_of_the_manifests_audio(tmp_path, capsys):
+    """`python data.py fit_codec` = codec.fit_mel_basis on the manifest's clips, written where
+    --mel_basis says and loaded by every later codec_from_config; bad audio raises naming the file,
+    or with skip_bad is skipped and counted."""
+    import codec as codec_lib
+    from config import load_config
+
+    rows = bad_dataset(tmp_path)
+    clips = {f"v{k}": tone(1.0 + 0.3 * k, freq=110.0 * (k + 1)) for k in range(3)}
+    for name, wav in clips.items():
+        sf.write(tmp_path / "audio" / f"{name}.wav", wav, SR)
+    good = write_manifest(tmp_path / "good.jsonl", [{"audio": f"audio/{n}.wav", "text": "t"} for n in clips])
+    flags = ["--mel_n_mels=16", "--mel_basis_dim=12", f"--mel_basis={tmp_path / 'basis.safetensors'}"]
+    data.main(["fit_codec", f"--manifest={good}", *flags])
+    assert "fit_codec: 12 components of 64 features per token from 3 clips" in capsys.readouterr().out
+    cfg = load_config(flags)
+    built = codec_lib.codec_from_config(cfg)
+    want = codec_lib.fit_mel_basis(codec_lib.codec_from_config(cfg, fitting=True),
+                                   [torch.from_numpy(sf.read(tmp_path / "audio" / f"{n}.wav", dtype="float32")[0])[None]
+                                    for n in clips], 12)  # the clips as written (PCM 16)
+    assert built.latent_dim == 12 and all(torch.equal(built.basis[k], want[k]) for k in want)
+    bad = write_manifest(tmp_path / "bad.jsonl", [{"audio": "audio/v0.wav"}, rows["nan"]])
+    with pytest.raises(data.BadInput, match="nan.wav: audio contains NaN"):
+        data.main(["fit_codec", f"--manifest={bad}", *flags])
+    data.main(["fit_codec", f"--manifest={bad}", "--skip_bad=true", *flags])
+    out = capsys.readouterr().out
+    assert "from 1 clips" in out and "(skipped {'nan': 1})" in out
+    with pytest.raises(ValueError, match="fit_codec fits the mel codec's basis"):
+        data.main(["fit_codec", f"--manifest={good}", "--mel_n_mels=16"])

@@ -185,3 +185,30 @@ def test_thread_settings_are_per_call_and_restored(tmp_path):
     assert torch.get_num_threads() == before
     pipeline.main([*argv, "--cpu_threads=0"])
     assert pipeline.THREAD_ENV == {} and torch.get_num_threads() == before
+
+
+def test_prepare_fits_the_mel_basis_every_stage_then_uses(tmp_path):
+    """mel_basis_dim > 0 and no mel_basis: the prepare step fits the basis on the train split into
+    <name>_codec/basis.safetensors (= codec.fit_mel_basis on those clips) and caches latents of
+    mel_basis_dim features made with it; the config the cache records (what sampling builds its
+    codec from) names the file."""
+    import torch
+
+    import codec as codec_lib
+    import data
+    import judge as judge_lib
+
+    runs = tmp_path / "runs"
+    pipeline.main([MICRO, "--pipeline=[corpus,sv,prepare]", f"--out_dir={runs}", f"--corpus_dir={tmp_path / 'corpus'}",
+                   f"--cache_dir={tmp_path / 'cache'}", "--name=basis", "--mel_n_mels=8", "--mel_basis_dim=16"])
+    path = runs / "basis_codec" / "basis.safetensors"
+    cfg = load_config([MICRO, "--mel_n_mels=8", "--mel_basis_dim=16", f"--mel_basis={path}"])
+    built = codec_lib.codec_from_config(cfg)
+    clips, _ = judge_lib.load_split(tmp_path / "corpus" / "train.jsonl")
+    want = codec_lib.fit_mel_basis(codec_lib.codec_from_config(cfg, fitting=True), [c[None] for c in clips], 16)
+    assert all(torch.allclose(built.basis[k], want[k], atol=1e-6) for k in want)
+    recorded, _ = data.prepared_config(load_config([MICRO, f"--cache_dir={tmp_path / 'cache'}"]))
+    assert recorded["mel_basis"] == str(path) and recorded["mel_basis_dim"] == 16
+    index = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
+    with safe_open(str(data.entry_path(tmp_path / "cache" / "train", index["items"][0]["id"])), "pt") as f:
+        assert f.get_tensor("latent").shape[-1] == 16
