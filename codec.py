@@ -35,7 +35,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from audio import SAMPLE_RATE, resample
-from files import load_prefixed_state, load_safetensors, read_checkpoint_config, read_safetensors_metadata, save_safetensors
+from files import (load_prefixed_state, load_safetensors, read_checkpoint_config, read_safetensors_metadata,
+                   save_safetensors)
 
 # ------------------------------------------------------------------------------------------------
 # Audio IO
