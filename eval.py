@@ -155,6 +155,20 @@ def _weights_reason(path, flag):
     return None
 
 
+def of_reference(sample, cache, measure):
+    """`measure(wav)` of the sample's reference clip (`meta['ref']`, read as 16 kHz mono), computed
+    once per file in `cache`; None for a sample without a reference. A missing file raises, naming
+    the sample and the reference."""
+    ref = sample["meta"].get("ref")
+    if not ref:
+        return None
+    if ref not in cache:
+        if not os.path.isfile(ref):
+            raise FileNotFoundError(f"{sample['path']}: its reference {ref} does not exist")
+        cache[ref] = measure(read_mono16k(ref))
+    return cache[ref]
+
+
 def metric_spk_sim(samples, wavs, path, device):
     """Cosine of WavLM-SV embeddings of each sample and its reference (`meta['ref']`)."""
     from speaker import build_speaker_extractors
@@ -162,15 +176,11 @@ def metric_spk_sim(samples, wavs, path, device):
     extract = build_speaker_extractors(["wavlm_sv"], {"wavlm_sv": path}, device)
     out, cache = {}, {}
     for s in samples:
-        ref = s["meta"].get("ref")
-        if not ref:
+        ref = of_reference(s, cache, lambda wav: extract(wav[None].to(device)).float().cpu())
+        if ref is None:
             continue
-        if not os.path.isfile(ref):
-            raise FileNotFoundError(f"{s['path']}: its reference {ref} does not exist")
-        if ref not in cache:
-            cache[ref] = extract(read_mono16k(ref)[None].to(device)).float().cpu()
         emb = extract(wavs[s["id"]][None].to(device)).float().cpu()
-        out[s["id"]] = torch.nn.functional.cosine_similarity(emb, cache[ref]).item()
+        out[s["id"]] = torch.nn.functional.cosine_similarity(emb, ref).item()
     return {"spk_sim": out}
 
 
@@ -236,14 +246,10 @@ def metric_pitch(samples, wavs):
     for s in samples:
         share, f0 = pitch_summary(wavs[s["id"]])
         out["voiced"][s["id"]] = share
-        ref = s["meta"].get("ref")
-        if not ref:
+        ref = of_reference(s, refs, pitch_summary)
+        if ref is None:
             continue
-        if ref not in refs:
-            if not os.path.isfile(ref):
-                raise FileNotFoundError(f"{s['path']}: its reference {ref} does not exist")
-            refs[ref] = pitch_summary(read_mono16k(ref))
-        ref_share, ref_f0 = refs[ref]
+        ref_share, ref_f0 = ref
         out["voiced_vs_ref"][s["id"]] = share - ref_share
         if min(share, ref_share) >= MIN_VOICED_FOR_PITCH:
             out["pitch_st"][s["id"]] = abs(12 * math.log2(f0 / ref_f0))
