@@ -727,13 +727,22 @@ class MelCodec(nn.Module):
         self.basis_path = basis if isinstance(basis, str) else ""
         if isinstance(basis, str):
             basis = load_mel_basis(basis, self) if basis else None
-        self.basis = None if basis is None else check_mel_basis(basis, self.frame_dim, self.basis_path or "basis")
-        self.latent_dim = self.frame_dim if self.basis is None else len(self.basis["components"])
+        basis = None if basis is None else check_mel_basis(basis, self.frame_dim, self.basis_path or "basis")
+        for k in ("mean", "components", "scale"):  # buffers: they follow the codec's .to() (not in its state_dict)
+            self.register_buffer(f"basis_{k}", None if basis is None else basis[k], persistent=False)
+        self.latent_dim = self.frame_dim if basis is None else len(basis["components"])
         self.tokens_per_second = sample_rate // (hop_length * self.frames_per_token)  # 25
         self.grad_checkpointing = False  # nothing to checkpoint; kept for the common interface
         fb = slaney_mel_fb(n_fft, n_mels, sample_rate)  # (n_freqs, n_mels)
         self.register_buffer("mel_fb", fb, persistent=False)
         self.register_buffer("mel_fb_pinv", torch.linalg.pinv(fb.T), persistent=False)  # (n_freqs, n_mels)
+
+    @property
+    def basis(self):
+        """{"mean", "components", "scale"} on the codec's device, or None without a basis."""
+        if self.basis_components is None:
+            return None
+        return {"mean": self.basis_mean, "components": self.basis_components, "scale": self.basis_scale}
 
     def num_tokens(self, num_samples):
         """N // hop + 1 frames (centred STFT), 4 to a token, the last one padded: N // 640 + 1."""
@@ -749,7 +758,7 @@ class MelCodec(nn.Module):
         x = F.pad(x, (0, 0, 0, -x.shape[1] % self.frames_per_token), value=floor)
         x = x.flatten(1).unflatten(1, (-1, self.frame_dim))  # (B, T, 4*M)
         if self.basis is not None:
-            b = {k: v.to(x.device) for k, v in self.basis.items()}
+            b = self.basis
             x = (x - b["mean"]) @ b["components"].T / b["scale"]  # (B, T, D)
         return x
 
@@ -757,7 +766,7 @@ class MelCodec(nn.Module):
         """(B, T, latent_dim) -> (B, 1, (4T - 1) * hop) waveform at 16 kHz (differentiable)."""
         x = latents.float()
         if self.basis is not None:
-            b = {k: v.to(x.device) for k, v in self.basis.items()}
+            b = self.basis
             x = (x * b["scale"]) @ b["components"] + b["mean"]  # (B, T, 4*M)
         x = x.unflatten(2, (self.frames_per_token, self.n_mels)).flatten(1, 2)  # (B, F, M)
         mel = torch.exp(x * self.std + self.mean).transpose(1, 2)  # (B, M, F)

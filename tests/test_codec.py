@@ -438,6 +438,10 @@ def test_mel_basis_is_the_principal_components_of_the_tokens():
         assert (kept - want).abs().max() > 1e-2 * want.abs().max()
     assert codec.codec_fingerprint(projected) != codec.codec_fingerprint(plain)
     assert codec.codec_fingerprint(projected) != codec.codec_fingerprint(full)
+    # the basis is the codec's buffers (they follow .to(), as the filterbank does), not saved with it
+    assert {f"basis_{k}" for k in basis} <= dict(projected.named_buffers()).keys()
+    assert not any(k.startswith("basis") for k in projected.state_dict())
+    assert projected.double().basis["components"].dtype == torch.float64
 
 
 def test_mel_basis_file_round_trip_and_refusals(tmp_path):
