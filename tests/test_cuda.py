@@ -180,7 +180,8 @@ def test_sampling_on_cuda_matches_the_cpu(trained):
         consistency = [rel(codec.encode(w), clip) for w in wavs]
     gaps = (rel(got[torch.float32], want), rel(got[torch.bfloat16], want), rel(plain[1], plain[0]))
     report("sampling on cuda vs cpu: latents fp32 / bf16, decode without iterations", gaps)
-    report("real clip decoded with iterations: waveform gap; re-encoding error cpu / cuda", (rel(wavs[1], wavs[0]), consistency))
+    report("real clip decoded with iterations: waveform gap; re-encoding error cpu / cuda",
+           (rel(wavs[1], wavs[0]), consistency))
     assert wavs[1].shape == wavs[0].shape and torch.isfinite(got[torch.bfloat16]).all()
     assert gaps[0] < 1e-4 and gaps[1] < 0.1 and gaps[2] < 1e-4, gaps
     assert abs(consistency[1] - consistency[0]) < 0.1 * consistency[0], consistency
