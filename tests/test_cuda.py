@@ -43,6 +43,16 @@ def metrics(run_dir):
     return [r for r in lines if "lr" in r]
 
 
+def loss_gap(run_dir, ref_dir):
+    """The largest relative gap between two runs' training losses, step by step."""
+    return max(abs(g["loss"] - c["loss"]) / c["loss"] for g, c in zip(metrics(run_dir), metrics(ref_dir)))
+
+
+def flat(tensors):
+    """A file's tensors as one float64 vector, in key order."""
+    return torch.cat([tensors[k].double().flatten() for k in sorted(tensors)])
+
+
 def test_prepare_on_cuda_equals_the_cpu_cache(micro_corpus):
     """The codec (STFT, mel) and the speaker features on the GPU: the cache's tensors equal the CPU's
     to fp32 rounding, item for item; the text features to bf16 rounding (encoders.py runs the text
@@ -82,18 +92,17 @@ def test_cuda_training_follows_the_cpu_run(trained):
     _, _, runs = trained
     logs = {name: metrics(d) for name, d in runs.items()}
     assert [r["step"] for r in logs["cuda"]] == [r["step"] for r in logs["cpu"]] == [1, 2, 3]
-    loss_gap = max(abs(g["loss"] - c["loss"]) / c["loss"] for g, c in zip(logs["cuda"], logs["cpu"]))
-    bf16_gap = max(abs(g["loss"] - c["loss"]) / c["loss"] for g, c in zip(logs["cuda_bf16"], logs["cpu"]))
+    fp32_gap, bf16_gap = loss_gap(runs["cuda"], runs["cpu"]), loss_gap(runs["cuda_bf16"], runs["cpu"])
     norm_gap = abs(logs["cuda"][0]["grad_norm"] - logs["cpu"][0]["grad_norm"]) / logs["cpu"][0]["grad_norm"]
     assert all("mem_gb" in r for r in logs["cuda"]) and not any("mem_gb" in r for r in logs["cpu"])
     weights = {name: load_file(str(d / "dit.safetensors")) for name, d in runs.items()}
-    flat = {name: torch.cat([w[k].double().flatten() for k in sorted(w)]) for name, w in weights.items()}
     assert all(w[k].dtype == torch.float32 for w in weights.values() for k in w)
-    w_gap, w_bf16 = rel(flat["cuda"], flat["cpu"]), rel(flat["cuda_bf16"], flat["cpu"])
-    report("train loss gap cuda fp32 / bf16 vs cpu", (loss_gap, bf16_gap))
+    vec = {name: flat(w) for name, w in weights.items()}
+    w_gap, w_bf16 = rel(vec["cuda"], vec["cpu"]), rel(vec["cuda_bf16"], vec["cpu"])
+    report("train loss gap cuda fp32 / bf16 vs cpu", (fp32_gap, bf16_gap))
     report("train first grad-norm gap / weight gap fp32 / bf16", (norm_gap, w_gap, w_bf16))
-    assert loss_gap < 1e-4 and norm_gap < 1e-3 and w_gap < 1e-4
-    assert bf16_gap < 0.05 and w_bf16 < 0.05 and torch.isfinite(flat["cuda_bf16"]).all()
+    assert fp32_gap < 1e-4 and norm_gap < 1e-3 and w_gap < 1e-4
+    assert bf16_gap < 0.05 and w_bf16 < 0.05 and torch.isfinite(vec["cuda_bf16"]).all()
 
 
 def test_stopped_run_resumes_on_cuda_to_the_uninterrupted_result(trained):
@@ -140,12 +149,9 @@ def test_lora_stage_on_bf16_weights_matches_the_cpu(trained):
     cpu, gpu = (load_file(str(work / "runs" / f"gpu_lora_{d}" / "lora.safetensors")) for d in ("cpu", "cuda"))
     assert cpu.keys() == gpu.keys() and any(k.endswith("lora_B.weight") for k in cpu)
     assert all(gpu[k].abs().max() > 0 for k in gpu if k.endswith("lora_B.weight"))
-    gap = rel(torch.cat([gpu[k].double().flatten() for k in sorted(gpu)]),
-              torch.cat([cpu[k].double().flatten() for k in sorted(cpu)]))
-    loss_gap = max(abs(g["loss"] - c["loss"]) / c["loss"] for g, c in
-                   zip(metrics(work / "runs/gpu_lora_cuda"), metrics(work / "runs/gpu_lora_cpu")))
-    report("lora bf16 cuda vs cpu: adapter gap / loss gap", (gap, loss_gap))
-    assert gap < 0.1 and loss_gap < 0.05
+    gap, losses = rel(flat(gpu), flat(cpu)), loss_gap(work / "runs/gpu_lora_cuda", work / "runs/gpu_lora_cpu")
+    report("lora bf16 cuda vs cpu: adapter gap / loss gap", (gap, losses))
+    assert gap < 0.1 and losses < 0.05
 
 
 def test_sampling_on_cuda_matches_the_cpu(trained):
