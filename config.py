@@ -100,6 +100,7 @@ class Config:
     adaln_hidden: int = 512
     adaln_init: str = ""  # stage 2 starts from this SpeakerAdaLNZero file (a speaker-aware stage 1's); "" = zero heads
     speaker_dropout: float = 0.1  # prob. of training a sample without its speaker features
+    adaln_lr_scale: float = 1.0  # the SpeakerAdaLNZero's learning rate over `lr` where it trains beside a LoRA
     speaker_extractors: list[str] = field(default_factory=lambda: ["mel_stats"])
     speaker_paths: dict = field(default_factory=dict)  # extractor -> local weights directory
     # --- tiny_sv: the speaker encoder train_sv.py trains on the train split (speaker.TinySVNet)
@@ -315,7 +316,7 @@ BOUNDS = {
     "sample_steps": (1, None), "sample_batch": (1, None), "sample_temperature": (0, None), "sample_eta": (0, 1),
     "corpus_speakers": (1, None), "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
     "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),
-    "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
+    "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1), "adaln_lr_scale": (0, None),
     "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "sigma_mu_offset": (-5, 5),
     "corpus_val_frac": (0, 1),
     "min_seconds": (0, None), "max_seconds": (0, None), "ref_max_seconds": (0, None), "aux_sigma_max": (0, None),

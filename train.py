@@ -154,16 +154,20 @@ class MasterWeights:
             p.copy_(m, non_blocking=True)
 
 
-def make_optimizer(cfg, params):
+def make_optimizer(cfg, params, lr_scales=None):
     """(fp32 masters or None, AdamW): with low-precision params and `master_weights` the optimizer
-    steps fp32 copies of them; otherwise the params themselves."""
+    steps fp32 copies of them; otherwise the params themselves. `lr_scales` (one per param, default 1)
+    puts the params into one group per scale, each group's "lr_scale" times the schedule's rate."""
     low_precision = params[0].dtype != torch.float32
     masters = MasterWeights(params, offload=cfg.offload_masters) if low_precision and cfg.master_weights else None
     opt_params = masters.masters if masters is not None else params
     # One fused kernel over every tensor instead of torch's default loop of small ops per tensor: about a
     # quarter of the update's time, a 0.95x base step on a 2-core CPU (records/2026-11-30_fused_adamw.md).
     fused = all(p.device.type in ("cpu", "cuda") for p in opt_params)
-    optimizer = torch.optim.AdamW(opt_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+    scales = lr_scales or [1.0] * len(opt_params)
+    groups = [{"params": [p for p, s in zip(opt_params, scales) if s == scale], "lr_scale": scale}
+              for scale in dict.fromkeys(scales)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                   fused=fused or None)
     return masters, optimizer
 
@@ -980,7 +984,8 @@ def main(argv=None):
     if master:
         print(f"stage {cfg.stage}: {sum(p.numel() for p in params):,} trainable parameters")
     broadcast_params(params, world)
-    masters, optimizer = make_optimizer(cfg, params)
+    masters, optimizer = make_optimizer(cfg, params, [cfg.adaln_lr_scale if cfg.stage == "lora" and n.startswith("adaln.")
+                                                      else 1.0 for n, _ in trainable])
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
     balancer = (losses.EMABalancer(cfg.balancer_target, cfg.balancer_decay, cfg.balancer_min, cfg.balancer_max)
                 if cfg.av and cfg.audio_balancer else None)
@@ -1001,7 +1006,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         logs_all, n_tokens = [], 0
         indices = sampler.next_batch()  # the same global batch on every rank
         for m, micro in enumerate(data.micro_batches(indices, cfg.micro_batch, rank, world)):

@@ -81,11 +81,18 @@ def test_stop_file_stops_all_ranks_with_a_checkpoint(micro_corpus):
     assert "resumed from" in out.stdout and "done: 3 steps" in out.stdout
 
 
-def test_lora_stage_bf16_masters_two_processes_equal_one(micro_corpus):
+@pytest.fixture(scope="module")
+def lora_base(micro_corpus):
+    """A 2-step base DiT for the stage-1 tests."""
+    work, data_args = micro_corpus
+    run_py([TRAIN, *data_args, *COMMON, "--max_steps=2", "--ckpt_every=100", "--name=lora_base"], cwd=work)
+    return work / "runs/lora_base/dit.safetensors"
+
+
+def test_lora_stage_bf16_masters_two_processes_equal_one(micro_corpus, lora_base):
     """Stage 1 on a bf16 frozen base with fp32 master weights: 2 gloo ranks = 1 process."""
     work, data_args = micro_corpus
-    base = work / "runs/lora_base/dit.safetensors"
-    run_py([TRAIN, *data_args, *COMMON, "--max_steps=2", "--ckpt_every=100", "--name=lora_base"], cwd=work)
+    base = lora_base
     args = [*data_args, *COMMON, "--max_steps=3", "--ckpt_every=100", "--device=cpu", "--stage=lora",
             f"--ckpt={base}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=[audio]", "--param_dtype=bf16",
             "--dtype=bf16"]
@@ -120,3 +127,21 @@ def test_stage2_two_processes_equal_one_with_aux_coefficients(micro_corpus):
     for k, v in one["trainable"].items():
         torch.testing.assert_close(two["trainable"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     assert any(v.abs().max() > 0 for k, v in one["trainable"].items() if ".heads." in k)  # the AdaLN learned
+
+
+def test_adaln_lr_scale_steps_the_stage1_adaln_at_its_own_rate(micro_corpus, lora_base):
+    """A speaker-aware stage 1 with adaln_lr_scale 2 at lr L moves the AdaLN exactly as lr 2L does with
+    scale 1 (the first step's gradients are the same), and the LoRA as lr L does, not 2L."""
+    work, data_args = micro_corpus
+    args = [*data_args, *COMMON, "--max_steps=1", "--ckpt_every=100", "--stage=lora", f"--ckpt={lora_base}",
+            "--lora_rank=4", "--lora_alpha=8", "--lora_targets=[audio]", "--lora_speaker=true", "--adaln_hidden=16"]
+    run_py([TRAIN, *args, "--lr=1e-3", "--adaln_lr_scale=2", "--name=adaln_lr_scaled"], cwd=work)
+    run_py([TRAIN, *args, "--lr=2e-3", "--name=adaln_lr_double"], cwd=work)
+    scaled, double = (work / "runs/adaln_lr_scaled", work / "runs/adaln_lr_double")
+    adaln_a, adaln_b = _weights(scaled / "adaln.safetensors"), _weights(double / "adaln.safetensors")
+    assert adaln_a.keys() == adaln_b.keys() and any(v.abs().max() > 0 for v in adaln_a.values())
+    for k in adaln_a:
+        torch.testing.assert_close(adaln_a[k], adaln_b[k], rtol=1e-5, atol=1e-8, msg=k)
+    lora_a, lora_b = _weights(scaled / "lora.safetensors"), _weights(double / "lora.safetensors")
+    moved = [k for k in lora_a if k.endswith("lora_B.weight")]
+    assert moved and all(lora_b[k].abs().max() > 1.5 * lora_a[k].abs().max() for k in moved)  # B from 0: 2x the step
