@@ -708,7 +708,11 @@ def resume_checkpoint(path, cfg, trainable, masters, stateful, rank):
         masters.masters_to_params()
     for k, v in stateful.items():
         if v is not None:
-            v.load_state_dict(ckpt[k])
+            try:
+                v.load_state_dict(ckpt[k])
+            except ValueError as e:  # e.g. an optimizer of other parameter groups (adaln_lr_scale 1 vs not)
+                raise ValueError(f"{path}: its {k} state does not fit this run ({e}); resume with the settings "
+                                 "it was written with, or start again with --overwrite=true") from None
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     step, best_val = ckpt["step"], ckpt["best_val"]
     del ckpt, state  # at full size gigabytes of host memory, restored into place by now
@@ -984,8 +988,9 @@ def main(argv=None):
     if master:
         print(f"stage {cfg.stage}: {sum(p.numel() for p in params):,} trainable parameters")
     broadcast_params(params, world)
-    masters, optimizer = make_optimizer(cfg, params, [cfg.adaln_lr_scale if cfg.stage == "lora" and n.startswith("adaln.")
-                                                      else 1.0 for n, _ in trainable])
+    scales = [cfg.adaln_lr_scale if cfg.stage == "lora" and n.startswith("adaln.") else 1.0 for n, _ in trainable]
+    masters, optimizer = make_optimizer(cfg, params, scales)
+    group_scales = [g["lr_scale"] for g in optimizer.param_groups]  # this run's, not a resumed checkpoint's
     aux = AuxLosses(cfg, device) if cfg.stage == "adaln" and cfg.aux_losses else None
     balancer = (losses.EMABalancer(cfg.balancer_target, cfg.balancer_decay, cfg.balancer_min, cfg.balancer_max)
                 if cfg.av and cfg.audio_balancer else None)
@@ -1005,8 +1010,8 @@ def main(argv=None):
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        for group, scale in zip(optimizer.param_groups, group_scales):
+            group["lr"] = lr * scale
         logs_all, n_tokens = [], 0
         indices = sampler.next_batch()  # the same global batch on every rank
         for m, micro in enumerate(data.micro_batches(indices, cfg.micro_batch, rank, world)):

@@ -145,3 +145,9 @@ def test_adaln_lr_scale_steps_the_stage1_adaln_at_its_own_rate(micro_corpus, lor
     lora_a, lora_b = _weights(scaled / "lora.safetensors"), _weights(double / "lora.safetensors")
     moved = [k for k in lora_a if k.endswith("lora_B.weight")]
     assert moved and all(lora_b[k].abs().max() > 1.5 * lora_a[k].abs().max() for k in moved)  # B from 0: 2x the step
+    # its checkpoint's optimizer has two parameter groups: resumed with scale 1 (one group) it is refused
+    proc = run_py([TRAIN, *args, "--max_steps=2", "--lr=1e-3", "--resume=true", "--name=adaln_lr_scaled"], cwd=work,
+                  check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, (proc.returncode, err)
+    assert "checkpoint.pt" in err and "optimizer state does not fit" in err, err
