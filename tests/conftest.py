@@ -1,8 +1,12 @@
 """Shared fixtures: a microscopic corpus prepared once per test session (mel codec, byte text encoder)."""
 
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -36,3 +40,46 @@ def micro_corpus(tmp_path_factory):
             f"--cache_dir={work / 'cache'}", *MICRO]
     run_py([os.path.join(ROOT, "data.py"), "prepare", *args], cwd=work)
     return work, args
+
+
+# -----------------------------------------------------------------------------------------------
+# test_learning.py's pipeline: minutes of training on one thread, started in the background as soon as
+# the session knows it will run, so that it trains on the second core while the other tests (one
+# thread each) run on the first; its test waits for it. CI's 2 cores: ~4 min less than in turn.
+
+LEARN = os.path.join(ROOT, "configs", "learn.yaml")
+_learning = {}  # proc, dir, log of the background pipeline
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if config.option.collectonly or not any(item.path.name == "test_learning.py" for item in items):
+        return
+    work = tempfile.mkdtemp(prefix="speakerbox_learn_")
+    log = open(os.path.join(work, "pipeline.log"), "w")
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), LEARN, f"--out_dir={work}/runs",
+           f"--corpus_dir={work}/corpus", f"--cache_dir={work}/cache", "--seed=0", "--cpu_threads=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    _learning.update(proc=proc, dir=work, log=log)
+
+
+def learning_run(timeout=2400):
+    """judge.json of the background learning pipeline, once it has finished (its log's tail if it failed)."""
+    assert _learning, "the learning pipeline was not started (conftest starts it when test_learning.py is collected)"
+    proc, work = _learning["proc"], _learning["dir"]
+    proc.wait(timeout=timeout)
+    _learning["log"].flush()
+    if proc.returncode != 0:
+        with open(os.path.join(work, "pipeline.log")) as f:
+            raise AssertionError(f"the learning pipeline failed ({proc.returncode}):\n{f.read()[-3000:]}")
+    with open(os.path.join(work, "runs", "learn", "judge.json")) as f:
+        return json.load(f)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _learning:
+        if _learning["proc"].poll() is None:  # the session ended early: stop the pipeline and its steps
+            os.killpg(_learning["proc"].pid, signal.SIGKILL)
+            _learning["proc"].wait()
+        _learning["log"].close()
+        shutil.rmtree(_learning["dir"], ignore_errors=True)

@@ -18,25 +18,19 @@ standard error was 0.012-0.015 in earlier calibrations, so 0.04 is clear of a pa
 nothing of the voice (0 on average) and about three standard errors under the lowest seed.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 
-import pipeline
+from conftest import learning_run
 
-ROOT = Path(__file__).resolve().parent.parent
-LEARN = str(ROOT / "configs" / "learn.yaml")
 MARGIN = 0.04  # unguided (adaln) mean GE2E margin, under half the lowest of 3 seeds
 GUIDED_ACCURACY = 0.5  # adaln_guided identification (chance 0.25), well under the 0.75 of 3 seeds
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("learn")
-    pipeline.main([LEARN, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}",
-                   f"--cache_dir={tmp / 'cache'}", "--seed=0"])
-    return json.loads((tmp / "runs" / "learn" / "judge.json").read_text())["ge2e"]["seen"]
+def learned():
+    """The GE2E scores of seen voices from `./run.sh configs/learn.yaml --seed=0 --cpu_threads=1`, which
+    conftest.py starts in the background when the session begins (see learning_run)."""
+    return learning_run()["ge2e"]["seen"]
 
 
 def test_real_clips_are_recognised(learned):
