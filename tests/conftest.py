@@ -1,4 +1,5 @@
-"""Shared fixtures: a microscopic corpus prepared once per test session (mel codec, byte text encoder)."""
+"""Shared fixtures: a microscopic corpus prepared once per test session (mel codec, byte text encoder);
+the learning test's pipeline, started in the background when that test is collected."""
 
 import json
 import os
@@ -48,19 +49,19 @@ def micro_corpus(tmp_path_factory):
 # thread each) run on the first; its test waits for it. CI's 2 cores: ~4 min less than in turn.
 
 LEARN = os.path.join(ROOT, "configs", "learn.yaml")
-_learning = {}  # proc, dir, log of the background pipeline
+_learning = {}  # proc, dir of the background pipeline
 
 
 def pytest_collection_modifyitems(session, config, items):
     if config.option.collectonly or not any(item.path.name == "test_learning.py" for item in items):
         return
     work = tempfile.mkdtemp(prefix="speakerbox_learn_")
-    log = open(os.path.join(work, "pipeline.log"), "w")
     cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), LEARN, f"--out_dir={work}/runs",
            f"--corpus_dir={work}/corpus", f"--cache_dir={work}/cache", "--seed=0", "--cpu_threads=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    _learning.update(proc=proc, dir=work, log=log)
+    with open(os.path.join(work, "pipeline.log"), "w") as log:  # the child writes through its own copy
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    _learning.update(proc=proc, dir=work)
 
 
 def learning_run(timeout=2400):
@@ -68,7 +69,6 @@ def learning_run(timeout=2400):
     assert _learning, "the learning pipeline was not started (conftest starts it when test_learning.py is collected)"
     proc, work = _learning["proc"], _learning["dir"]
     proc.wait(timeout=timeout)
-    _learning["log"].flush()
     if proc.returncode != 0:
         with open(os.path.join(work, "pipeline.log")) as f:
             raise AssertionError(f"the learning pipeline failed ({proc.returncode}):\n{f.read()[-3000:]}")
@@ -81,5 +81,4 @@ def pytest_sessionfinish(session, exitstatus):
         if _learning["proc"].poll() is None:  # the session ended early: stop the pipeline and its steps
             os.killpg(_learning["proc"].pid, signal.SIGKILL)
             _learning["proc"].wait()
-        _learning["log"].close()
         shutil.rmtree(_learning["dir"], ignore_errors=True)

@@ -92,9 +92,8 @@ def lora_base(micro_corpus):
 def test_lora_stage_bf16_masters_two_processes_equal_one(micro_corpus, lora_base):
     """Stage 1 on a bf16 frozen base with fp32 master weights: 2 gloo ranks = 1 process."""
     work, data_args = micro_corpus
-    base = lora_base
     args = [*data_args, *COMMON, "--max_steps=3", "--ckpt_every=100", "--device=cpu", "--stage=lora",
-            f"--ckpt={base}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=[audio]", "--param_dtype=bf16",
+            f"--ckpt={lora_base}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=[audio]", "--param_dtype=bf16",
             "--dtype=bf16"]
     run_py([TRAIN, *args, "--name=lora_one"], cwd=work)
     run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args, "--name=lora_two"],
