@@ -148,6 +148,9 @@ class Config:
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
     sample_temperature: float = 1.0  # starting noise x this (sample.py --temperature; 1 = the reference pipelines')
     sample_eta: float = 0.0  # share of fresh noise per sampling step (sample.py --eta; 0 = the reference Euler)
+    sample_shift_tokens: int = 0  # token count of the σ-schedule shift (sample.py --shift_tokens; 0 = 4096, the
+    # reference pipelines')
+    sample_sigma_last: float = 0.1  # last non-zero σ of the schedule (sample.py --sigma_last; 0.1 = the reference's)
     sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
     sample_prompts: int = 0  # the first N val prompts are spoken by every reference (0 = all of them)
     sample_batch: int = 32
@@ -314,6 +317,7 @@ BOUNDS = {
     "aux_clips": (0, None), "sv_steps": (0, None), "sv_batch": (2, None), "sv_dim": (1, None),
     "sv_lr": (0, None), "sv_crop_seconds": (0.1, None), "sv_margin": (0, 1), "sv_scale": (0, None),
     "sample_steps": (1, None), "sample_batch": (1, None), "sample_temperature": (0, None), "sample_eta": (0, 1),
+    "sample_shift_tokens": (0, None), "sample_sigma_last": (0, 1),
     "corpus_speakers": (1, None), "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
     "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),
     "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
@@ -323,9 +327,10 @@ BOUNDS = {
     "min_seconds": (0, None), "max_seconds": (0, None), "ref_max_seconds": (0, None), "aux_sigma_max": (0, None),
     "aux_max_seconds": (0, None), "aux_crop_seconds": (0, None), "val_spk_sigma": (0, 1),
 }
-STRICT_LOW = ("grad_clip", "mel_std", "sample_temperature")  # > low: clipping to 0, dividing by 0, sampling
-# from no noise at all are never meant
-STRICT_HIGH = ("beta1", "beta2")  # < high: Adam's bias correction 1 - beta^t is 0 at beta = 1
+STRICT_LOW = ("grad_clip", "mel_std", "sample_temperature", "sample_sigma_last")  # > low: clipping to 0, dividing
+# by 0, sampling from no noise at all, a schedule that reaches σ 0 a step early are never meant
+STRICT_HIGH = ("beta1", "beta2", "sample_sigma_last")  # < high: Adam's bias correction 1 - beta^t is 0 at beta = 1;
+# a schedule whose last σ is 1 never denoises
 
 
 def check_values(cfg, where=None):

@@ -201,7 +201,7 @@ def equal_shape_batches(T, ref_lat, ref_deltas, batch_size):
 def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=None, ref_mode="adaln",
            adaln=None, speaker=None, steps=30, cfg=7.0, stg=1.0, stg_blocks=None, spk_cfg=1.0,
            rescale=0.7, duration="auto", device="cpu", dtype=torch.float32, batch_size=4,
-           negative_prompt="", shift_tokens=None, temperature=1.0, eta=0.0, progress=True):
+           negative_prompt="", shift_tokens=None, sigma_last=0.1, temperature=1.0, eta=0.0, progress=True):
     """Generate one waveform per (prompt, seed[, reference]) item; returns a list of (C, N) tensors
     at `codec.output_rate`, in the order of `prompts`.
 
@@ -212,6 +212,8 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     `batch_size`; each item's noise comes from its own generator seeded with its seed, so an item's
     audio does not depend on what else is in its batch. stg_blocks: None = the model's STG block.
     shift_tokens: token count of the σ-schedule shift (None: 4096, the reference pipelines').
+    sigma_last: the last non-zero σ of the schedule (`ltx2_sigmas`' stretch_to; 0.1 as the reference
+    pipelines'): the final step goes from it to 0 in one x0 estimate.
     temperature: scale of the starting noise (1: the reference pipelines'). Below 1 the sampler starts
     nearer the middle of the noise distribution: less varied, cleaner audio from a model too small or
     too briefly trained to make its whole distribution well (Grad-TTS and Matcha-TTS sample at 0.667).
@@ -223,6 +225,8 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         raise ValueError(f"ref_mode must be one of {REF_MODES}, got {ref_mode!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < sigma_last < 1:
+        raise ValueError(f"sigma_last must be in (0, 1), got {sigma_last}")
     n = len(prompts)
     seeds = _as_list(seeds, n, "seeds")
     refs = _as_list(ref_wavs, n, "ref_wavs")
@@ -260,7 +264,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         context, neg_context = ctx_all[:-1], ctx_all[-1:].expand(len(idx), -1, -1)
         ref = torch.cat([ref_lat[i] for i in idx]) if ref_lat[idx[0]] is not None else None
         deltas = torch.cat([ref_deltas[i] for i in idx]) if ref_deltas[idx[0]] is not None else None
-        sigmas = ltx2_sigmas(steps, shift_tokens)
+        sigmas = ltx2_sigmas(steps, shift_tokens, stretch_to=sigma_last)
         x0 = denoise(model, noise, context, neg_context, sigmas=sigmas, ref_latent=ref, deltas=deltas,
                      cfg=cfg, stg=stg, stg_blocks=stg_blocks, spk_cfg=spk_cfg, rescale=rescale,
                      dtype=dtype, eta=eta, fresh_noise=draw, progress=bar)

@@ -68,7 +68,9 @@ def test_shipped_configs_parse():
                                       ("--micro_batch=0", "micro_batch"), ("--max_steps=-1", "max_steps"),
                                       ("--val_every=0", "val_every"), ("--lr=nan", "lr"), ("--beta2=1", "beta2"),
                                       ("--global_batch=6", "micro_batch"), ("--clone_probs=[0,0]", "clone_probs"),
-                                      ("--stage=lora2", "stage"), ("--aux_losses=[spkr]", "aux_losses")])
+                                      ("--stage=lora2", "stage"), ("--aux_losses=[spkr]", "aux_losses"),
+                                      ("--sample_sigma_last=0", "sample_sigma_last"),
+                                      ("--sample_sigma_last=1", "sample_sigma_last")])
 def test_values_out_of_domain_name_key_and_source(arg, key):
     with pytest.raises(ValueError, match=rf"config key '{key}' \(from the command line\)"):
         load_config(["--global_batch=8", "--micro_batch=4", arg])

@@ -26,7 +26,7 @@ GENERATED = []  # items per sample() call of the run's sample step, in VARIANTS 
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     argv = [MICRO, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}",
-            "--name=smoke"]
+            "--name=smoke", "--sample_shift_tokens=40", "--sample_sigma_last=0.05"]
     real_sample = sample_lib.sample
 
     def counting_sample(*args, **kwargs):
@@ -129,6 +129,8 @@ def test_samples_cover_every_prompt_and_speaker(run):
     guided = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln_guided").glob("*.json")).read_text())
     plain = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln").glob("*.json")).read_text())
     assert guided["spk_cfg"] > 1.0 and plain["spk_cfg"] == 1.0
+    assert plain["shift_tokens"] == guided["shift_tokens"] == 40  # the σ schedule of the config reached sample()
+    assert plain["sigma_last"] == guided["sigma_last"] == 0.05
 
 
 def test_judge_json_and_report(run):

@@ -273,6 +273,29 @@ def test_temperature_scales_the_starting_noise(monkeypatch):
         _sample(model, ["x"], [3], temperature=0.0)
 
 
+def test_sigma_last_and_shift_set_the_schedule(monkeypatch):
+    """sample() runs ltx2_sigmas(steps, shift_tokens, stretch_to=sigma_last): by default the reference's
+    schedule (shift of 4096 tokens, last σ 0.1); sigma_last outside (0, 1) is refused."""
+    seen = []
+    real_denoise = sampler.denoise
+
+    def spy(model, noise, *args, sigmas, **kwargs):
+        seen.append(sigmas.clone())
+        return real_denoise(model, noise, *args, sigmas=sigmas, **kwargs)
+
+    monkeypatch.setattr(sampler, "denoise", spy)
+    model = _tiny_dit(4)
+    _sample(model, ["x"], [3], steps=6)
+    _sample(model, ["x"], [3], steps=6, shift_tokens=40, sigma_last=0.02)
+    torch.testing.assert_close(seen[0], sampler.ltx2_sigmas(6, 4096, stretch_to=0.1), rtol=0, atol=0)
+    torch.testing.assert_close(seen[1], sampler.ltx2_sigmas(6, 40, stretch_to=0.02), rtol=0, atol=0)
+    assert seen[1][-2].item() == pytest.approx(0.02, abs=1e-6) and seen[1][-1] == 0
+    assert (seen[1][1:-1] < seen[0][1:-1]).all()  # a smaller shift spends more of the steps at low σ
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="sigma_last"):
+            _sample(model, ["x"], [3], sigma_last=bad)
+
+
 class ConstantV(torch.nn.Module):
     """A stand-in DiT whose velocity is a fixed tensor: x0̂ = x_t - σ v is known at every step."""
 

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import model as M  # noqa: E402
 import av_sampler  # noqa: E402
+import sample as sample_lib  # noqa: E402
 import sampler  # noqa: E402
 import text  # noqa: E402
 from conftest import ROOT, run_py  # noqa: E402
@@ -114,11 +115,10 @@ def test_cli_writes_audio_video_latents_and_sidecar(tmp_path):
                   "--prompt", "x", "--steps", "1", "--frames", "9", "--size", "32x32", "--out",
                   str(tmp_path / "x.wav"), "--device", "cpu"], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "audio-video" in bad.stderr and "audio.safetensors" in bad.stderr
-    warm = run_py([os.path.join(ROOT, "sample.py"), "--av", "--ckpt", str(ckpt), "--config", str(config),
-                   "--prompt", "x", "--temperature", "0.6", "--out", str(tmp_path / "y.wav"), "--device", "cpu"],
-                  cwd=tmp_path, check=False)  # the joint sampler starts from unit noise only: refused, not ignored
-    assert warm.returncode != 0 and "--temperature" in warm.stderr and not (tmp_path / "y.wav").exists()
-    eta = run_py([os.path.join(ROOT, "sample.py"), "--av", "--ckpt", str(ckpt), "--config", str(config),
-                  "--prompt", "x", "--eta", "0.3", "--out", str(tmp_path / "z.wav"), "--device", "cpu"],
-                 cwd=tmp_path, check=False)  # the joint sampler is Euler only: refused, not ignored
-    assert eta.returncode != 0 and "--eta" in eta.stderr and not (tmp_path / "z.wav").exists()
+    # flags of the audio-only sampler are refused before anything loads, not ignored (in this process): the joint
+    # sampler starts from unit noise, is Euler only and keeps the reference schedule
+    for flag, value in (("--temperature", "0.6"), ("--eta", "0.3"), ("--sigma_last", "0.02")):
+        with pytest.raises(SystemExit, match=flag):
+            sample_lib.main(["--av", "--ckpt", str(ckpt), "--config", str(config), "--prompt", "x", flag, value,
+                             "--out", str(tmp_path / "w.wav"), "--device", "cpu"])
+    assert not (tmp_path / "w.wav").exists()
