@@ -1,5 +1,6 @@
 """Shared fixtures: a microscopic corpus prepared once per test session (mel codec, byte text encoder);
-the learning test's pipeline, started in the background when that test is collected."""
+the learning test's pipeline and the 2-process micro run, started in the background when their test
+files are collected."""
 
 import json
 import os
@@ -44,41 +45,63 @@ def micro_corpus(tmp_path_factory):
 
 
 # -----------------------------------------------------------------------------------------------
-# test_learning.py's pipeline: minutes of training on one thread, started in the background as soon as
-# the session knows it will run, so that it trains on the second core while the other tests (one
-# thread each) run on the first; its test waits for it. CI's 2 cores: ~4 min less than in turn.
+# Background runs: the two longest subprocess runs of the suite start as soon as pytest has collected
+# the file that needs them, so that they use the second core while the other tests (one thread each)
+# run on the first; their tests wait for them. test_learning.py's pipeline (minutes of training on one
+# thread) and test_run_outputs.py's 2-process micro run: on CI's 2 cores ~4 + ~1.5 minutes less than in
+# turn, the second filling the core the first leaves idle before the rest of the suite is done.
 
 LEARN = os.path.join(ROOT, "configs", "learn.yaml")
-_learning = {}  # proc, dir of the background pipeline
+
+
+def _learning_cmd(work):
+    return [sys.executable, os.path.join(ROOT, "pipeline.py"), LEARN, f"--out_dir={work}/runs",
+            f"--corpus_dir={work}/corpus", f"--cache_dir={work}/cache", "--seed=0", "--cpu_threads=1"]
+
+
+def _two_processes_cmd(work):
+    return ["bash", os.path.join(ROOT, "run.sh"), "--gpus", "2", "--cpu", os.path.join(ROOT, "configs", "micro.yaml"),
+            "--pipeline=[corpus,sv,prepare,base,lora,merge,adaln]", f"--out_dir={work}/runs",
+            f"--corpus_dir={work}/corpus", f"--cache_dir={work}/cache", "--name=two"]
+
+
+BACKGROUND = {"test_learning.py": ("learning", _learning_cmd), "test_run_outputs.py": ("two_processes", _two_processes_cmd)}
+_background = {}  # name -> (proc, dir) of the runs started
 
 
 def pytest_collection_modifyitems(session, config, items):
-    if config.option.collectonly or not any(item.path.name == "test_learning.py" for item in items):
+    if config.option.collectonly:
         return
-    work = tempfile.mkdtemp(prefix="speakerbox_learn_")
-    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), LEARN, f"--out_dir={work}/runs",
-           f"--corpus_dir={work}/corpus", f"--cache_dir={work}/cache", "--seed=0", "--cpu_threads=1"]
-    with open(os.path.join(work, "pipeline.log"), "w") as log:  # the child writes through its own copy
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    _learning.update(proc=proc, dir=work)
+    for file in dict.fromkeys(item.path.name for item in items):
+        if file in BACKGROUND:
+            name, command = BACKGROUND[file]
+            work = tempfile.mkdtemp(prefix=f"speakerbox_{name}_")
+            with open(os.path.join(work, "run.log"), "w") as log:  # the child writes through its own copy
+                proc = subprocess.Popen(command(work), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+            _background[name] = (proc, work)
 
 
-def learning_run(timeout=2400):
-    """judge.json of the background learning pipeline, once it has finished (its log's tail if it failed)."""
-    assert _learning, "the learning pipeline was not started (conftest starts it when test_learning.py is collected)"
-    proc, work = _learning["proc"], _learning["dir"]
+def background_run(name, timeout=2400):
+    """The directory of the background run `name` once it has finished (its log's tail if it failed)."""
+    assert name in _background, f"the {name} run was not started (conftest starts it when its test file is collected)"
+    proc, work = _background[name]
     proc.wait(timeout=timeout)
     if proc.returncode != 0:
-        with open(os.path.join(work, "pipeline.log")) as f:
-            raise AssertionError(f"the learning pipeline failed ({proc.returncode}):\n{f.read()[-3000:]}")
-    with open(os.path.join(work, "runs", "learn", "judge.json")) as f:
+        with open(os.path.join(work, "run.log")) as f:
+            raise AssertionError(f"the {name} run failed ({proc.returncode}):\n{f.read()[-3000:]}")
+    return work
+
+
+def learning_run():
+    """judge.json of the background learning pipeline (`./run.sh configs/learn.yaml --seed=0 --cpu_threads=1`)."""
+    with open(os.path.join(background_run("learning"), "runs", "learn", "judge.json")) as f:
         return json.load(f)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _learning:
-        if _learning["proc"].poll() is None:  # the session ended early: stop the pipeline and its steps
-            os.killpg(_learning["proc"].pid, signal.SIGKILL)
-            _learning["proc"].wait()
-        shutil.rmtree(_learning["dir"], ignore_errors=True)
+    for proc, work in _background.values():
+        if proc.poll() is None:  # the session ended early: stop the run and its steps
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)

@@ -218,11 +218,15 @@ def test_av_run_balancer_resumes_and_no_audio_run(tmp_path):
 
 
 def test_av_config_errors(tmp_path):
+    """Settings refused before anything loads (in this process: the config checks), and a model of no
+    audio-video preset refused by the real command in one line."""
     root = fake_av_dataset(tmp_path / "ds")
-    for extra, message in [(["--av_sigma=uniform"], "av_sigma"), (["--audio_free=zero"], "audio_free"),
-                           (["--ckpt=", "--model=micro"], "audio-video preset")]:
-        proc = _run(root, "bad", extra, check=False)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    for extra, message in [(["--av_sigma=uniform"], "av_sigma"), (["--audio_free=zero"], "audio_free")]:
+        with pytest.raises(ValueError, match=message):
+            train.preflight(load_config([*_args(root, "bad", extra)[1:], f"--out_dir={tmp_path / 'runs'}"]))
+    proc = _run(root, "bad", ["--ckpt=", "--model=micro"], check=False)
+    assert proc.returncode != 0 and "audio-video preset" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_av_two_processes_equal_one(tmp_path):

@@ -13,19 +13,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import background_run
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("base", "lora", "adaln")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("two_processes")
-    cmd = ["bash", str(ROOT / "run.sh"), "--gpus", "2", "--cpu", str(ROOT / "configs" / "micro.yaml"),
-           "--pipeline=[corpus,sv,prepare,base,lora,merge,adaln]", f"--out_dir={tmp / 'runs'}",
-           f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}", "--name=two"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return tmp
+def run():
+    """The work directory of `./run.sh --gpus 2 --cpu configs/micro.yaml --pipeline=[corpus,...,adaln]`, which
+    conftest.py starts in the background once pytest has collected this file (see background_run)."""
+    return Path(background_run("two_processes"))
 
 
 def test_every_training_stage_ran_in_two_processes(run):
