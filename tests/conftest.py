@@ -47,9 +47,10 @@ def micro_corpus(tmp_path_factory):
 # -----------------------------------------------------------------------------------------------
 # Background runs: the two longest subprocess runs of the suite start as soon as pytest has collected
 # the file that needs them, so that they use the second core while the other tests (one thread each)
-# run on the first; their tests wait for them. test_learning.py's pipeline (minutes of training on one
-# thread) and test_run_outputs.py's 2-process micro run: on CI's 2 cores ~4 + ~1.5 minutes less than in
-# turn, the second filling the core the first leaves idle before the rest of the suite is done.
+# run on the first; their tests run last and wait for them. test_learning.py's pipeline (minutes of
+# training on one thread) and test_run_outputs.py's 2-process micro run: CI on 2 cores took 24:58 with
+# both in turn, 21:07 with both in the background (the learning tests then still waited 162 s mid-suite,
+# hence the reordering).
 
 LEARN = os.path.join(ROOT, "configs", "learn.yaml")
 
@@ -72,6 +73,8 @@ _background = {}  # name -> (proc, dir) of the runs started
 def pytest_collection_modifyitems(session, config, items):
     if config.option.collectonly:
         return
+    # the tests that wait for a background run go last: the other tests run while it trains, not after
+    items.sort(key=lambda item: item.path.name in BACKGROUND)
     for file in dict.fromkeys(item.path.name for item in items):
         if file in BACKGROUND:
             name, command = BACKGROUND[file]
