@@ -49,8 +49,8 @@ def micro_corpus(tmp_path_factory):
 # the file that needs them, so that they use the second core while the other tests (one thread each)
 # run on the first; their tests run last and wait for them. test_learning.py's pipeline (minutes of
 # training on one thread) and test_run_outputs.py's 2-process micro run: CI on 2 cores took 24:58 with
-# both in turn, 21:07 with both in the background (the learning tests then still waited 162 s mid-suite,
-# hence the reordering).
+# both in turn, 20:43 with the pipeline in the background and 21:07 with both on a slower day, when the
+# learning tests still waited 162 s for it mid-suite (hence the reordering).
 
 LEARN = os.path.join(ROOT, "configs", "learn.yaml")
 
