@@ -23,7 +23,7 @@ import files
 from av_sampler import sample_av, video_decode_hint, video_latent_shape
 from duration import spoken_text
 from reference import check_reference
-from sampler import DEFAULT_SHIFT_TOKENS, DRAMABOX_SHIFT_TOKENS, REF_MODES, sample
+from sampler import DEFAULT_SHIFT_TOKENS, DRAMABOX_SHIFT_TOKENS, REF_MODES, REFERENCE_SIGMA_LAST, sample
 
 # -----------------------------------------------------------------------------------------------
 # command line
@@ -70,9 +70,10 @@ def add_guidance_args(p):
                    help="speaker from --ref via SpeakerAdaLNZero deltas, DramaBox reference tokens, both, or none")
     p.add_argument("--shift_tokens", type=int, default=0, help="token count the σ-schedule shift is read from "
                    f"(0: {DEFAULT_SHIFT_TOKENS} as the reference pipelines; DramaBox: {DRAMABOX_SHIFT_TOKENS})")
-    p.add_argument("--sigma_last", type=float, default=0.1, help="the last non-zero σ of the schedule, 0-1 "
-                   "(0.1 as the reference pipelines; 0.02 for the tiny preset, whose mel latents keep the voice's "
-                   "harmonics in detail that only the steps below σ 0.1 draw)")
+    p.add_argument("--sigma_last", type=float, default=REFERENCE_SIGMA_LAST,
+                   help=f"the last non-zero σ of the schedule, 0-1 ({REFERENCE_SIGMA_LAST} as the reference "
+                   "pipelines; 0.02 for the tiny preset, whose mel latents keep the voice's harmonics in detail that only the "
+                   "steps below σ 0.1 draw)")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1 = the "
                    "reference pipelines'; < 1: cleaner, less varied audio from a small model: 0.6 for the tiny preset)")
     p.add_argument("--eta", type=float, default=0.0, help="share of the noise drawn afresh at every step, 0-1 (0 = "
@@ -342,7 +343,7 @@ def main_av(args, prompts, seeds, device, dtype):
         raise SystemExit("--av samples at temperature 1 (--temperature is for the audio-only model)")
     if args.eta != 0.0:
         raise SystemExit("--av samples with the deterministic Euler sampler (--eta is for the audio-only model)")
-    if args.sigma_last != 0.1:
+    if args.sigma_last != REFERENCE_SIGMA_LAST:
         raise SystemExit("--av samples with the reference schedule (--sigma_last is for the audio-only model)")
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))

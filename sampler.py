@@ -22,9 +22,10 @@ DEFAULT_SHIFT_TOKENS = 4096  # the reference pipelines pass no latent, so the sh
 # DramaBox passes its patchified (B, T, 128) latent; the scheduler counts prod(shape[2:]) = 128
 # tokens whatever the length (it was written for video latents), so its shift is always ~0.63.
 DRAMABOX_SHIFT_TOKENS = 128
+REFERENCE_SIGMA_LAST = 0.1  # LTX2Scheduler stretches its schedule so that the last non-zero σ is 0.1
 
 
-def ltx2_sigmas(steps, n_tokens=None, *, shift=None, stretch_to=0.1):
+def ltx2_sigmas(steps, n_tokens=None, *, shift=None, stretch_to=REFERENCE_SIGMA_LAST):
     """The LTX2Scheduler σ schedule: steps+1 values from 1 down to 0, fp32.
 
     σ = e^s / (e^s + 1/t - 1) on t = linspace(1, 0, steps+1) with s = `shift`, or the shift of
@@ -201,7 +202,8 @@ def equal_shape_batches(T, ref_lat, ref_deltas, batch_size):
 def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=None, ref_mode="adaln",
            adaln=None, speaker=None, steps=30, cfg=7.0, stg=1.0, stg_blocks=None, spk_cfg=1.0,
            rescale=0.7, duration="auto", device="cpu", dtype=torch.float32, batch_size=4,
-           negative_prompt="", shift_tokens=None, sigma_last=0.1, temperature=1.0, eta=0.0, progress=True):
+           negative_prompt="", shift_tokens=None, sigma_last=REFERENCE_SIGMA_LAST, temperature=1.0, eta=0.0,
+           progress=True):
     """Generate one waveform per (prompt, seed[, reference]) item; returns a list of (C, N) tensors
     at `codec.output_rate`, in the order of `prompts`.
 

@@ -66,7 +66,8 @@ def _two_processes_cmd(work):
             f"--corpus_dir={work}/corpus", f"--cache_dir={work}/cache", "--name=two"]
 
 
-BACKGROUND = {"test_learning.py": ("learning", _learning_cmd), "test_run_outputs.py": ("two_processes", _two_processes_cmd)}
+BACKGROUND = {"test_learning.py": ("learning", _learning_cmd),  # test file -> (run name, its command)
+              "test_run_outputs.py": ("two_processes", _two_processes_cmd)}
 _background = {}  # name -> (proc, dir) of the runs started
 
 
@@ -97,7 +98,8 @@ def background_run(name, timeout=2400):
 
 
 def learning_run():
-    """judge.json of the background learning pipeline (`./run.sh configs/learn.yaml --seed=0 --cpu_threads=1`)."""
+    """judge.json of the background learning pipeline (`python pipeline.py configs/learn.yaml --seed=0
+    --cpu_threads=1`)."""
     with open(os.path.join(background_run("learning"), "runs", "learn", "judge.json")) as f:
         return json.load(f)
 

@@ -28,7 +28,7 @@ GUIDED_ACCURACY = 0.5  # adaln_guided identification (chance 0.25), well under t
 
 @pytest.fixture(scope="module")
 def learned():
-    """The GE2E scores of seen voices from `./run.sh configs/learn.yaml --seed=0 --cpu_threads=1`, which
+    """The GE2E scores of seen voices from `python pipeline.py configs/learn.yaml --seed=0 --cpu_threads=1`, which
     conftest.py starts in the background once pytest has collected this file (see learning_run)."""
     return learning_run()["ge2e"]["seen"]
 
