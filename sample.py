@@ -72,8 +72,8 @@ def add_guidance_args(p):
                    f"(0: {DEFAULT_SHIFT_TOKENS} as the reference pipelines; DramaBox: {DRAMABOX_SHIFT_TOKENS})")
     p.add_argument("--sigma_last", type=float, default=REFERENCE_SIGMA_LAST,
                    help=f"the last non-zero σ of the schedule, 0-1 ({REFERENCE_SIGMA_LAST} as the reference "
-                   "pipelines; 0.02 for the tiny preset, whose mel latents keep the voice's harmonics in detail that only the "
-                   "steps below σ 0.1 draw)")
+                   "pipelines; 0.02 for the tiny preset, whose mel latents keep the voice's harmonics in detail "
+                   "that only the steps below σ 0.1 draw)")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise (1 = the "
                    "reference pipelines'; < 1: cleaner, less varied audio from a small model: 0.6 for the tiny preset)")
     p.add_argument("--eta", type=float, default=0.0, help="share of the noise drawn afresh at every step, 0-1 (0 = "
