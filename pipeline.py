@@ -363,18 +363,33 @@ STEP_FUNCTIONS = {"corpus": step_corpus, "sv": step_sv, "prepare": step_prepare,
 # summary
 
 
+def last_validation(metrics_path):
+    """The last held-out record (a line with `val_loss`) of a training run's metrics.jsonl, or None."""
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if '"val_loss"' in line]
+    return {k: v for k, v in records[-1].items() if k.startswith("val_") or k == "step"} if records else None
+
+
 def summarize(cfg, p, times):
     """The summary dict (also written to summary.json) and its printable table."""
     judge = json.loads(p["judge_json"].read_text()) if p["judge_json"].is_file() else None
+    validation = {stage: last_validation(p[f"{stage}_dir"] / "metrics.jsonl") for stage in STAGE_OUTPUT}
+    validation = {stage: v for stage, v in validation.items() if v}
     summary = {"name": cfg.name, "config": config_dict(cfg), "times_s": times,
                "total_s": round(sum(times.values()), 1), "load": os.getloadavg(),
                "artefacts": {k: str(p[k]) for k in ("corpus", "base", "lora", "merged", "adaln", "samples",
                                                      "judge", "judge_json", "report") if p[k].exists()},
-               "judge": judge}
+               "validation": validation, "judge": judge}
     lines = ["", f"pipeline {cfg.name}: done in {summary['total_s']:.0f} s "
              f"(load average {summary['load'][0]:.1f} on {os.cpu_count()} cores)",
              f"  {'step':<8} {'wall s':>8}"]
     lines += [f"  {k:<8} {v:>8.1f}" for k, v in times.items()]
+    if validation:
+        lines.append("  held-out flow loss, and how much it rises with another clip's words (~0: words ignored)")
+        for stage, v in validation.items():
+            gain = v.get("val_text_gain", float("nan"))
+            lines.append(f"  {stage:<8} val_loss {v['val_loss']:.4f}   val_text_gain {gain:+.5f}")
     if judge:
         lines.append("  speaker identification: accuracy (x chance) margin; GE2E = independent encoder,"
                      " MLP = log-mel judge")

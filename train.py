@@ -866,11 +866,15 @@ def lr_at(cfg, step):
 @torch.no_grad()
 def validate(cfg, parts, val_set, device, autocast, aux=None):
     """Held-out metrics at fixed σ and noise (comparable across evaluations): `val_loss`, the mean
-    flow loss at σ spread over [0.1, 0.9]; with stage-2 auxiliary models also `val_spk_sim`, the
-    speaker similarity of one-step x0̂ at σ = val_spk_sigma to each item's reference."""
+    flow loss at σ spread over [0.1, 0.9]; `val_text_gain`, how much lower that loss is with each
+    item's own prompt than with its batch neighbour's (same noise and σ): what the words are worth to
+    the model, ~0 when it ignores them and speaks whatever the noise and the voice make; with stage-2
+    auxiliary models also `val_spk_sim`, the speaker similarity of one-step x0̂ at σ = val_spk_sigma
+    to each item's reference."""
     if val_set is None:
         return {}
     total, count, sims = 0.0, 0, []
+    other_text, other_count = 0.0, 0
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
     for batch in data.iterate_batches(val_set, cfg.micro_batch):
         batch = data.to_device(batch, device)
@@ -878,18 +882,26 @@ def validate(cfg, parts, val_set, device, autocast, aux=None):
         B = x0.shape[0]
         noise = torch.randn(x0.shape, generator=gen).to(device)
 
-        def forward(sigma):
+        def forward(sigma, text_batch=batch):
             sigma = sigma.to(device)
             timesteps = torch.where(batch["ref_mask"], torch.zeros_like(x0[..., 0]), sigma[:, None].expand_as(x0[..., 0]))
             x_t = (1 - timesteps[..., None]) * x0 + timesteps[..., None] * noise
-            return x_t, predict(parts, batch, x_t, sigma, timesteps, autocast), sigma
+            return x_t, predict(parts, text_batch, x_t, sigma, timesteps, autocast), sigma
 
-        x_t, v, sigma = forward(torch.linspace(0.1, 0.9, B) if B > 1 else torch.tensor([0.5]))
-        total += losses.flow_loss(v, x0, noise, batch["loss_mask"]).sum().item()
+        sigma = torch.linspace(0.1, 0.9, B) if B > 1 else torch.tensor([0.5])
+        own = losses.flow_loss(forward(sigma)[1], x0, noise, batch["loss_mask"])
+        total += own.sum().item()
         count += B
+        if B > 1:  # every item with its neighbour's prompt (a batch of one has no other prompt)
+            swapped = {**batch, "text": batch["text"].roll(1, 0), "text_mask": batch["text_mask"].roll(1, 0)}
+            other = losses.flow_loss(forward(sigma, swapped)[1], x0, noise, batch["loss_mask"])
+            other_text += (other - own).sum().item()
+            other_count += B
         if aux is not None:
             sims += aux.speaker_similarity(batch, *forward(torch.full((B,), cfg.val_spk_sigma)))
     out = {"val_loss": total / max(count, 1)}
+    if other_count:
+        out["val_text_gain"] = other_text / other_count
     if sims:
         out["val_spk_sim"] = sum(sims) / len(sims)
     return out

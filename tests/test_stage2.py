@@ -101,7 +101,7 @@ def test_validation_reports_speaker_similarity(micro_corpus, monkeypatch):
     aux = train.AuxLosses(cfg, torch.device("cpu"))
     val_set = data.load_cached(cfg, cfg.val_manifest, split="val")
     out = train.validate(cfg, parts, val_set, torch.device("cpu"), contextlib.nullcontext(), aux)
-    assert set(out) == {"val_loss", "val_spk_sim"} and out["val_loss"] > 0
+    assert set(out) == {"val_loss", "val_text_gain", "val_spk_sim"} and out["val_loss"] > 0
 
     def oracle(parts, batch, x_t, sigma, timesteps, autocast, keep_speaker=None):
         return (x_t - batch["x0"]) / sigma[:, None, None]  # ε - x0 on target tokens, 0 on the reference
@@ -117,6 +117,35 @@ def test_validation_reports_speaker_similarity(micro_corpus, monkeypatch):
     assert out["val_loss"] < 1e-10
     # another item's reference differs by 1e-3 to 1e-2 in cosine here: a mis-paired reference fails
     assert len(own) > 1 and abs(out["val_spk_sim"] - sum(own) / len(own)) < 1e-5, (out, own)
+
+
+def test_validation_text_gain_measures_what_the_words_are_worth(micro_corpus, monkeypatch):
+    """val_text_gain = flow loss with the batch neighbour's prompt - with the item's own: exactly 0
+    for a model that ignores the words, and for one whose prediction is off by (s(prompt) - s(own
+    prompt)) per item, s a signature of the text features, the mean of that offset squared."""
+    cfg, parts, _ = _stage2_parts(micro_corpus)
+    val_set = data.load_cached(cfg, cfg.val_manifest, split="val")
+    batches = list(data.iterate_batches(val_set, cfg.micro_batch))
+    assert sum(b["x0"].shape[0] for b in batches) > len(batches), "need batches of two or more"
+    signature = lambda text: text.float().flatten(1).sum(1) * 0.1  # (B,)
+    # the item's own prompt, found by its clean target (a model that "knows" which words go with x0)
+    own = {float(b["x0"][i].sum()): float(signature(b["text"])[i]) for b in batches for i in range(len(b["x0"]))}
+
+    def deaf(parts, batch, x_t, sigma, timesteps, autocast, keep_speaker=None):
+        return (x_t - batch["x0"]) / sigma[:, None, None]
+
+    def reading(parts, batch, x_t, sigma, timesteps, autocast, keep_speaker=None):
+        off = signature(batch["text"]) - torch.tensor([own[float(x.sum())] for x in batch["x0"]])
+        return deaf(parts, batch, x_t, sigma, timesteps, autocast) + off[:, None, None]
+
+    monkeypatch.setattr(train, "predict", deaf)
+    out = train.validate(cfg, parts, val_set, torch.device("cpu"), contextlib.nullcontext())
+    assert out["val_loss"] < 1e-10 and out["val_text_gain"] == 0.0, out
+    monkeypatch.setattr(train, "predict", reading)
+    out = train.validate(cfg, parts, val_set, torch.device("cpu"), contextlib.nullcontext())
+    offsets = [signature(b["text"].roll(1, 0)) - signature(b["text"]) for b in batches if len(b["x0"]) > 1]
+    want = torch.cat(offsets).square().mean().item()
+    assert want > 0.01 and abs(out["val_text_gain"] - want) < 1e-4 * want, (out, want)
 
 
 def test_refl_decodes_the_middle_crop(micro_corpus):
