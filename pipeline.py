@@ -365,9 +365,11 @@ STEP_FUNCTIONS = {"corpus": step_corpus, "sv": step_sv, "prepare": step_prepare,
 
 def last_validation(metrics_path):
     """The last held-out record (a line with `val_loss`) of a training run's metrics.jsonl, or None."""
+    from eval import read_metrics_jsonl
+
     if not metrics_path.is_file():
         return None
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if '"val_loss"' in line]
+    records = [r for r in read_metrics_jsonl(metrics_path) if "val_loss" in r]
     return {k: v for k, v in records[-1].items() if k.startswith("val_") or k == "step"} if records else None
 
 

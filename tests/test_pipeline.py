@@ -52,7 +52,7 @@ def test_every_step_ran_and_was_timed(run):
     assert list(summary["validation"]) == list(pipeline.STAGE_OUTPUT)
     for stage, val in summary["validation"].items():
         lines = (tmp / "runs" / f"smoke_{stage}" / "metrics.jsonl").read_text().splitlines()
-        last = [json.loads(line) for line in lines if '"val_loss"' in line][-1]
+        last = [r for r in map(json.loads, filter(str.strip, lines)) if "val_loss" in r][-1]
         assert val["val_loss"] == last["val_loss"] and val["val_text_gain"] == last["val_text_gain"]
         assert math.isfinite(val["val_text_gain"]), val
 
