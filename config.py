@@ -90,6 +90,12 @@ class Config:
     sigma_sampler: str = "shifted_logit_normal"  # shifted_logit_normal | uniform | fixed
     sigma_fixed: float = 0.5  # the σ of sigma_sampler=fixed
     sigma_mu_offset: float = 0.0  # added to the shifted logit-normal's μ (losses.sample_sigma): > 0, more high σ
+    # --- a DiT trained from scratch (stage base): help it find the words ------------------------
+    text_progress_theta: float = 0.0  # > 0: the new DiT's progress rope on its text cross-attention (model.DiTConfig;
+                                      # byte text encoder only). A checkpoint carries its own value.
+    hold_text_gates: bool = False  # stage base: the cross-attention head gates (audio_attn2.to_gate_logits) stay
+                                   # at their zero init (gate 1) instead of training; trained, a small model shuts
+                                   # them before the words are any use to it
     # --- stage 1: LoRA (lora.py) -------------------------------------------------------------
     lora_targets: list[str] = field(default_factory=lambda: ["laionbox"])  # presets or name patterns
     lora_rank: int = 64

@@ -51,10 +51,10 @@ import files
 from audio import REF_PEAK, SAMPLE_RATE, resample
 from codec import to_channels
 from encoders import load_models  # the codec, text encoder and speaker extractors the cache is made with
-from model import audio_positions, video_positions
-from text import left_pad_features
+from model import audio_positions, audio_progress, video_positions
+from text import left_pad_features, progress_table
 
-CACHE_VERSION = 2  # bump when the layout of a cache entry changes
+CACHE_VERSION = 3  # bump when the layout of a cache entry changes (3: text_progress)
 SILENT_PEAK = 1e-4  # a clip whose peak is below -80 dBFS is treated as silent (no usable speech)
 MANIFEST_KEYS = {"audio", "text", "speaker", "ref_audio", "source", "id"}
 MODES = ("forward", "reverse", "uncond")
@@ -276,6 +276,15 @@ def encode_text(text_encoder, prompt):
     return features[0][mask[0].bool()].float()
 
 
+def text_progress(text_encoder, prompt):
+    """The valid tokens' progress through the spoken words, (L,) as `encode_text`'s rows, or None for
+    a text encoder that has none (`TextEncoder.has_progress`: the byte encoder's)."""
+    if not getattr(text_encoder, "has_progress", False):
+        return None
+    _, mask = text_encoder.tokenize([prompt])
+    return text_encoder.progress([prompt])[0][mask[0].bool()]
+
+
 @torch.inference_mode()
 def encode_clip(path, cfg, codec, speaker, device):
     """Latent (T, F) and speaker features (dim,) or None of one audio file; BadInput on bad audio."""
@@ -329,6 +338,9 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
             else:
                 latent, spk, resampled = encode_clip(item.audio, cfg, codec, speaker, device)
                 tensors = {"latent": latent, "text": encode_text(text_encoder, item.text)}
+                progress = text_progress(text_encoder, item.text)
+                if progress is not None:
+                    tensors["text_progress"] = progress
                 if spk is not None:
                     tensors["speaker"] = spk
                 if item.ref_audio:
@@ -359,6 +371,7 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
     files.write_text(cache_dir / "index.json", json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
                                "fingerprints": fingerprints, "tokens_per_second": codec.tokens_per_second,
                                "max_text_len": cfg.max_text_len, "settings": cache_settings(cfg),
+                               "text_progress": bool(getattr(text_encoder, "has_progress", False)),
                                "manifest": str(Path(manifest).resolve()), "manifest_stamp": file_stamp(manifest),
                                "items": index, "config": dataclasses.asdict(cfg)}, indent=1))
     skipped = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("skipped:")}
@@ -397,11 +410,17 @@ def prepared_config(cfg, split="train"):
 
 
 def make_example(rng, cfg, target, ref, text, speaker, *, silence, null_text, tokens_per_second, mode,
-                 item_id, source):
+                 item_id, source, progress=None):
     """One training example: silence + target latent, an optional reference, text, speaker.
 
-    target (T, F), ref (Tr, F) or None, text (L, D), speaker (dim,) or None; silence (F,) or None.
+    target (T, F), ref (Tr, F) or None, text (L, D), speaker (dim,) or None; silence (F,) or None;
+    progress (L,) the text tokens' place in the spoken words (`text.spoken_progress`) or None.
     """
+    if progress is None:
+        progress = torch.zeros(0)
+    elif len(progress) != text.shape[0]:
+        raise ValueError(f"item '{item_id}': {len(progress)} text progress values for {text.shape[0]} cached text "
+                         "tokens: a damaged cache entry; run prepare again")
     if ref is not None:
         max_ref = round(cfg.ref_max_seconds * tokens_per_second)
         if ref.shape[0] > max_ref:  # DramaBox uses ~10 s references: take a random window
@@ -411,9 +430,9 @@ def make_example(rng, cfg, target, ref, text, speaker, *, silence, null_text, to
     if n_silence:
         target = torch.cat([silence.expand(n_silence, -1), target])
     if rng.random() < cfg.text_dropout:
-        text = null_text
+        text, progress = null_text, torch.zeros(0)
     return {"target": target, "ref": ref, "text": text, "speaker": speaker, "mode": mode,
-            "silence": n_silence, "id": item_id, "source": source}
+            "silence": n_silence, "id": item_id, "source": source, "progress": progress}
 
 
 def load_cached(cfg, manifest, split="train"):
@@ -444,6 +463,7 @@ class CachedDataset:
                              f"the config says {cfg.max_text_len}; use the same value or re-run prepare")
         self.cfg = cfg
         self.tokens_per_second = index["tokens_per_second"]
+        self.has_progress = bool(index.get("text_progress"))  # entries carry text_progress (the byte encoder's)
         self.manifest, self.manifest_stamp = index["manifest"], index["manifest_stamp"]
         self.items = index["items"]
         self.lengths = [e["frames"] for e in self.items]
@@ -473,20 +493,22 @@ class CachedDataset:
             partner = {"latent": own["ref_latent"], "speaker": own.get("ref_speaker"), "text": None}
         elif others:
             p = self.load(others[int(rng.integers(len(others)))])
-            partner = {"latent": p["latent"], "speaker": p.get("speaker"), "text": p["text"]}
+            partner = {"latent": p["latent"], "speaker": p.get("speaker"), "text": p["text"],
+                       "progress": p.get("text_progress")}
         if mode == "reverse" and (partner is None or partner["text"] is None):
             mode = "forward"
         if partner is None:
             mode = "uncond"
         if mode == "reverse":
             target, ref, text, spk = partner["latent"], own["latent"], partner["text"], own.get("speaker")
+            progress = partner["progress"]
         else:
-            target, text = own["latent"], own["text"]
+            target, text, progress = own["latent"], own["text"], own.get("text_progress")
             ref = partner["latent"] if mode == "forward" else None
             spk = partner["speaker"] if partner is not None else own.get("speaker")
         return make_example(rng, cfg, target, ref, text, spk, silence=self.silence, null_text=self.null_text,
                             tokens_per_second=self.tokens_per_second, mode=mode, item_id=entry["id"],
-                            source=entry["source"])
+                            source=entry["source"], progress=progress)
 
 
 def pad_examples(examples, ref_offset_s, tokens_per_second, max_text_len):
@@ -497,7 +519,8 @@ def pad_examples(examples, ref_offset_s, tokens_per_second, max_text_len):
     `ref_offset_s` after the target's end; attn_mask (B, T, T) bool [query, key], True = may attend;
     text (B, max_text_len, D) left-padded exactly as the tokenizer pads at inference, text_mask
     (B, max_text_len): the connector's RoPE runs over positions 0..max_text_len-1, so a shorter pad
-    would train the tokens at other positions than sampling uses; speaker (B, dim) or None,
+    would train the tokens at other positions than sampling uses; text_progress (B, max_text_len) and
+    audio_progress (B, T) for a DiT with a progress rope (`model.AudioDiT.forward`); speaker (B, dim) or None,
     speaker_present (B,); target_len (B,); ids, modes, sources.
     """
     B = len(examples)
@@ -519,6 +542,7 @@ def pad_examples(examples, ref_offset_s, tokens_per_second, max_text_len):
             ref_mask[b, t:t + r] = True
             positions[b, t:t + r] = audio_positions(r, 1, t / tokens_per_second + ref_offset_s)[0]
     text, text_mask = left_pad_features([e["text"].float() for e in examples], max_text_len)
+    text_progress = progress_table([e.get("progress", torch.zeros(0)) for e in examples], max_text_len)
     valid = loss_mask | ref_mask
     # target queries see every real token; reference queries see only the reference; padding keys
     # are hidden from all. The diagonal keeps padding query rows non-empty (no NaN in softmax).
@@ -532,6 +556,7 @@ def pad_examples(examples, ref_offset_s, tokens_per_second, max_text_len):
                                for e in examples])
     return {"x0": x0, "loss_mask": loss_mask, "ref_mask": ref_mask, "timestep_mask": ref_mask,
             "positions": positions, "attn_mask": attn_mask, "text": text, "text_mask": text_mask,
+            "text_progress": text_progress, "audio_progress": audio_progress(n_target, T),
             "speaker": speaker, "speaker_present": torch.tensor(present), "target_len": torch.tensor(n_target),
             "ids": [e["id"] for e in examples], "modes": [e["mode"] for e in examples],
             "sources": [e["source"] for e in examples]}

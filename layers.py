@@ -32,6 +32,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+# The progress coordinate of tokens outside an utterance's spoken words or generated span (a text
+# prompt's description, registers, padding, reference audio), for the DiT's optional progress rope:
+# outside the 0..1 the spoken tokens span, so no head mistakes them for a place in the words.
+PROGRESS_OUTSIDE = -1.0
+
+
 @functools.lru_cache(maxsize=16)
 def _rope_grid(theta, n, double_precision):
     """The n rotary frequencies `theta**linspace(0, 1, n) * pi/2` as a CPU fp32 tensor.

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from audio import SAMPLE_RATE
 from files import BadFile, load_prefixed_state, read_checkpoint_config, save_safetensors
-from layers import Attention, FeedForward, RMSNorm, rms_norm, split_rope  # shared with text.py
+from layers import PROGRESS_OUTSIDE, Attention, FeedForward, RMSNorm, rms_norm, split_rope  # shared with text.py
 
 # -----------------------------------------------------------------------------------------------
 # the audio DiT
@@ -52,6 +52,12 @@ class DiTConfig:
     rope_double_precision: bool = True  # frequencies_precision: float64
     timestep_scale: float = 1000.0  # the model sees sigma * 1000
     stg_block: int = 28  # block whose self-attention the reference skips for STG guidance
+    # Not in LTX-2 (0 = off, as every official file): > 0 rotates the text cross-attention's queries and
+    # keys by where each audio token and each spoken text token lies in its utterance (0..1, `text_progress`,
+    # `audio_progress` of `forward`) at rotary frequencies theta**linspace(0,1)*pi/2. The head then scores
+    # a key by its distance from the diagonal of a monotonic alignment: a prior that a small model trained
+    # from scratch for minutes can use, where LTX-2 learned its alignment from vast data.
+    text_progress_theta: float = 0.0
     grad_checkpointing: bool = False
     # --- audio-video mode (ltx-core's AV transformer): the video stream and the cross-modal attentions
     video: bool = False  # off: the audio-only model, no video module is built
@@ -103,6 +109,15 @@ PRESETS = {
                           video=True, video_heads=2, video_head_dim=32, video_in_channels=24,
                           video_cross_attention_dim=64),
 }
+
+
+def audio_progress(n_target, T):
+    """(B, T) progress of each audio token through its clip's generated span: token t of the n_target[b]
+    leading (target) tokens at (t + 0.5) / n_target[b], the rest (reference, padding) PROGRESS_OUTSIDE."""
+    out = torch.full((len(n_target), T), PROGRESS_OUTSIDE)
+    for b, n in enumerate(n_target):
+        out[b, :n] = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    return out
 
 
 def audio_positions(T, B=1, offset_s=0.0, device=None):
@@ -191,12 +206,15 @@ def _modulation(table, temb):
     return (temb.view(B, Tt, rows, D) + table.to(temb.dtype)).unbind(2)
 
 
-def _attend(x, attn1, attn2, ada, prompt_table, context, prompt_temb, rope, attn_mask, context_mask, skip, eps):
+def _attend(x, attn1, attn2, ada, prompt_table, context, prompt_temb, rope, attn_mask, context_mask, skip, eps,
+            text_rope=None):
     """Self-attention then text cross-attention of one stream, AdaLN-modulated by the rows `ada`.
 
     Shared by the audio stream (`audio_attn1/2`, `audio_prompt_scale_shift_table`) and the video
     stream (`attn1/2`, `prompt_scale_shift_table`); arguments as in `AudioBlock.forward`.
+    text_rope: None, or ((cos, sin) of the queries, (cos, sin) of the text keys) for the cross-attention.
     """
+    q_rope, k_rope = text_rope if text_rope is not None else (None, None)
     shift_msa, scale_msa, gate_msa, _, _, _, *q_rows = ada
     # addcmul: one fused kernel (and one saved tensor) for each `a + b * c` of the math
     h = torch.addcmul(shift_msa, rms_norm(x, eps), 1 + scale_msa)
@@ -206,8 +224,8 @@ def _attend(x, attn1, attn2, ada, prompt_table, context, prompt_temb, rope, attn
         shift_kv, scale_kv = (prompt_temb.unflatten(-1, (2, -1)) + prompt_table.to(prompt_temb.dtype)).unbind(2)
         h = torch.addcmul(shift_q, rms_norm(x, eps), 1 + scale_q)
         kv = torch.addcmul(shift_kv, context, 1 + scale_kv)
-        return torch.addcmul(x, attn2(h, kv, mask=context_mask), gate_q)
-    return x + attn2(rms_norm(x, eps), context, mask=context_mask)
+        return torch.addcmul(x, attn2(h, kv, mask=context_mask, rope=q_rope, k_rope=k_rope), gate_q)
+    return x + attn2(rms_norm(x, eps), context, mask=context_mask, rope=q_rope, k_rope=k_rope)
 
 
 def _feed_forward(x, ff, ada, eps):
@@ -251,11 +269,12 @@ class AudioBlock(nn.Module):
         if cfg.cross_attention_adaln:
             self.audio_prompt_scale_shift_table = nn.Parameter(torch.zeros(2, D))
 
-    def forward(self, x, context, temb, prompt_temb, rope, attn_mask, context_mask, skip_attention):
-        """x (B, T, D); temb (B, Tt, rows*D) with Tt 1 or T (delta already added); prompt_temb (B, 1, 2D)."""
+    def forward(self, x, context, temb, prompt_temb, rope, attn_mask, context_mask, skip_attention, text_rope=None):
+        """x (B, T, D); temb (B, Tt, rows*D) with Tt 1 or T (delta already added); prompt_temb (B, 1, 2D);
+        text_rope: the cross-attention's progress rope (`AudioDiT.forward`) or None."""
         ada = _modulation(self.audio_scale_shift_table, temb)
         x = _attend(x, self.audio_attn1, self.audio_attn2, ada, getattr(self, "audio_prompt_scale_shift_table", None),
-                    context, prompt_temb, rope, attn_mask, context_mask, skip_attention, self.eps)
+                    context, prompt_temb, rope, attn_mask, context_mask, skip_attention, self.eps, text_rope)
         return _feed_forward(x, self.audio_ff, ada, self.eps)
 
 
@@ -323,6 +342,8 @@ class AudioDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.text_progress_theta and cfg.video:
+            raise ValueError("text_progress_theta is for the audio-only DiT; the audio-video model has no progress rope")
         D = cfg.dim
         self.audio_patchify_proj = nn.Linear(cfg.in_channels, D)
         if cfg.caption_channels:
@@ -412,13 +433,30 @@ class AudioDiT(nn.Module):
         h = torch.addcmul(shift, F.layer_norm(h, (h.shape[-1],), eps=self.cfg.eps), 1 + scale)
         return getattr(self, pre + "proj_out")(h)
 
+    def _text_rope(self, text_progress, audio_progress, audio_shape, text_len, dtype):
+        """(query, key) cos/sin tables of the progress rope; None for a model without it (which ignores
+        any progress it is given: the batches carry it whatever the model)."""
+        cfg = self.cfg
+        if not cfg.text_progress_theta:
+            return None
+        if text_progress is None or audio_progress is None:
+            raise ValueError(f"this DiT aligns text by progress (text_progress_theta {cfg.text_progress_theta:g}): "
+                             "forward needs text_progress and audio_progress")
+        if tuple(audio_progress.shape) != tuple(audio_shape) or tuple(text_progress.shape) != (audio_shape[0], text_len):
+            raise ValueError(f"audio_progress {tuple(audio_progress.shape)} / text_progress {tuple(text_progress.shape)}:"
+                             f" expected {tuple(audio_shape)} / {(audio_shape[0], text_len)}")
+        # positions in [0, 1] with max_pos 1: split_rope's 2*p-1 spans [-1, 1]
+        table = lambda p: split_rope(p, 1.0, cfg.dim, cfg.heads, cfg.text_progress_theta, dtype,  # noqa: E731
+                                     cfg.rope_double_precision)
+        return table(audio_progress), table(text_progress)
+
     def _check_deltas(self, block_deltas, B, width):
         if block_deltas is not None and tuple(block_deltas.shape) != (B, self.cfg.num_layers, width):
             raise ValueError(f"block_deltas {tuple(block_deltas.shape)}: expected (B, num_layers, rows*D) = "
                              f"{(B, self.cfg.num_layers, width)}")
 
     def forward(self, x, sigma, context, *, timesteps=None, positions=None, context_mask=None, attn_mask=None,
-                stg_blocks=(), block_deltas=None, stg_samples=None):
+                stg_blocks=(), block_deltas=None, stg_samples=None, text_progress=None, audio_progress=None):
         """Velocity v (B, T, C) of noisy latent tokens x (B, T, C) at noise level sigma (B,) in [0, 1].
 
         context: (B, L, cross_attention_dim) text features (caption_channels for LTX-2.0).
@@ -431,17 +469,22 @@ class AudioDiT(nn.Module):
             (B,) bool restricting the skip to some samples of the batch (batched guidance passes).
         block_deltas: (B, num_layers, rows*D) added to every block's timestep modulation
             (SpeakerAdaLNZero); cast to the modulation's dtype.
+        text_progress (B, L), audio_progress (B, T): each text token's and audio token's place in its
+            utterance, 0..1 (`text.spoken_progress`, `audio_progress`); tokens outside the spoken words
+            and the generated span (the prompt's description, registers, reference tokens) sit at
+            PROGRESS_OUTSIDE. Needed with `cfg.text_progress_theta`, ignored without.
         """
         B, T, _ = x.shape
         if positions is None:
             positions = audio_positions(T, B, device=x.device)
         h, a, embedded_t = self._prepare(x, sigma, context, timesteps, positions, context_mask, attn_mask, False)
         self._check_deltas(block_deltas, B, a.temb.shape[-1])
+        text_rope = self._text_rope(text_progress, audio_progress, (B, T), context.shape[1], h.dtype)
         stg_blocks = set(stg_blocks)
         for i, block in enumerate(self.transformer_blocks):
             block_temb = a.temb if block_deltas is None else a.temb + block_deltas[:, i, None].to(h.dtype)
             skip = (True if stg_samples is None else stg_samples) if i in stg_blocks else False
-            args = (h, a.context, block_temb, a.prompt_temb, a.rope, a.attn_mask, a.context_mask, skip)
+            args = (h, a.context, block_temb, a.prompt_temb, a.rope, a.attn_mask, a.context_mask, skip, text_rope)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -556,6 +599,7 @@ def dit_config_from_metadata(config, video=False):
         rope_double_precision=tc.get("frequencies_precision") == "float64",
         timestep_scale=float(tc.get("timestep_scale_multiplier", 1000)),
         stg_block=tc.get("stg_block", 28 if ca_adaln else 29),  # not in official configs: 2.3 uses 28, 2.0 29
+        text_progress_theta=float(tc.get("text_progress_theta", 0.0)),  # this repo's own key, absent = off
         **(_video_config_from_metadata(tc) if video else {}),
     )
 
@@ -613,6 +657,8 @@ def metadata_from_dit_config(cfg):
         "rope_type": "split",
         "stg_block": cfg.stg_block,
     }
+    if cfg.text_progress_theta:  # only then: files of the official architecture keep its vocabulary
+        tc["text_progress_theta"] = cfg.text_progress_theta
     if cfg.video:
         tc.update({
             "num_attention_heads": cfg.video_heads,

@@ -15,7 +15,7 @@ import torch
 import files
 import losses
 from duration import estimate_duration, n_latent_tokens
-from model import audio_positions
+from model import audio_positions, audio_progress
 from reference import reference_inputs
 
 DEFAULT_SHIFT_TOKENS = 4096  # the reference pipelines pass no latent, so the shift is 2.05
@@ -111,10 +111,12 @@ def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
 @torch.no_grad()
 def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, deltas=None,
             cfg=1.0, stg=0.0, stg_blocks=(), spk_cfg=1.0, rescale=0.0, dtype=torch.float32,
-            eta=0.0, fresh_noise=None, progress=None):
+            eta=0.0, fresh_noise=None, progress=None, text_progress=None, neg_text_progress=None):
     """Run the Euler sampler from `noise` (B, T, F) to x0 (B, T, F), fp32.
 
     context / neg_context: (B, L, D) connector outputs of the prompts and the negative prompt.
+    text_progress / neg_text_progress: (B, L) the prompts' and the negative prompt's token progress
+    (`TextEncoder.progress`) for a DiT with a progress rope, else None.
     ref_latent: (B, Tr, F) clean reference tokens appended after the target (σ = 0, +0.5 s
     positions, asymmetric mask) or None. deltas: (B, blocks, rows*D) SpeakerAdaLNZero deltas or None.
     Every pass (cond, uncond, STG, no-speaker) goes into one forward of batch P*B per step.
@@ -152,6 +154,10 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
         attn_mask = torch.stack(masks).repeat_interleave(B, 0).to(device)  # (P*B, n, n)
     positions = rep(positions)
     ref = rep(ref_latent.float()) if Tr else None
+    text_prog = audio_prog = None
+    if text_progress is not None:
+        text_prog = torch.cat([neg_text_progress if p == "uncond" else text_progress for p in passes]).to(device)
+        audio_prog = rep(audio_progress([T] * B, T + Tr)).to(device)
 
     x = noise.float()
     for i in range(len(sigmas) - 1):
@@ -165,7 +171,8 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
         # σ stays fp32: the timestep embedding is computed in fp32 (as the reference) whatever the dtype
         v = model(x_in.to(dtype), sig, ctx, timesteps=timesteps, positions=positions,
                   attn_mask=attn_mask, stg_blocks=tuple(stg_blocks) if "stg" in passes else (),
-                  stg_samples=stg_mask if "stg" in passes else None, block_deltas=block_deltas)
+                  stg_samples=stg_mask if "stg" in passes else None, block_deltas=block_deltas,
+                  text_progress=text_prog, audio_progress=audio_prog)
         x0 = (x_in[:, :T] - sigma * v[:, :T].float()).view(P, B, T, -1)  # x0 = x_t - σ v, fp32
         parts = dict(zip(passes, x0.unbind(0)))
         pred = guided_x0(parts["cond"], parts.get("uncond"), parts.get("stg"), parts.get("nospk"),
@@ -264,12 +271,19 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         feats, mask = text_encoder.encode(texts)
         ctx_all = connector(feats, mask).float()  # (B+1, L, D)
         context, neg_context = ctx_all[:-1], ctx_all[-1:].expand(len(idx), -1, -1)
+        text_prog = neg_prog = None
+        if model.cfg.text_progress_theta:
+            if connector.register_layout != "official":
+                raise ValueError("a DiT with a progress rope needs the connector's official register layout")
+            prog_all = text_encoder.progress(texts)
+            text_prog, neg_prog = prog_all[:-1], prog_all[-1:].expand(len(idx), -1)
         ref = torch.cat([ref_lat[i] for i in idx]) if ref_lat[idx[0]] is not None else None
         deltas = torch.cat([ref_deltas[i] for i in idx]) if ref_deltas[idx[0]] is not None else None
         sigmas = ltx2_sigmas(steps, shift_tokens, stretch_to=sigma_last)
         x0 = denoise(model, noise, context, neg_context, sigmas=sigmas, ref_latent=ref, deltas=deltas,
                      cfg=cfg, stg=stg, stg_blocks=stg_blocks, spk_cfg=spk_cfg, rescale=rescale,
-                     dtype=dtype, eta=eta, fresh_noise=draw, progress=bar)
+                     dtype=dtype, eta=eta, fresh_noise=draw, progress=bar, text_progress=text_prog,
+                     neg_text_progress=neg_prog)
         wav = codec.decode(x0).float().cpu()  # (B, C, N)
         check_generated(x0, wav)
         for j, i in enumerate(idx):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from files import check_file, load_prefixed_state, read_checkpoint_config
-from layers import Attention, FeedForward, rms_norm, split_rope
+from layers import PROGRESS_OUTSIDE, Attention, FeedForward, rms_norm, split_rope
 
 # Connector sizes for a randomly initialised connector, keyed like model.PRESETS: its width
 # heads*head_dim must be the DiT's text width (cross_attention_dim, or caption_channels for 2.0).
@@ -393,6 +393,38 @@ def byte_tokenize(prompts, max_text_len):
     return ids, ids != BYTE_PAD
 
 
+def spoken_progress(prompt, max_text_len):
+    """(n,) fp32 progress of each byte token of `prompt` through the words it speaks, for a DiT with a
+    progress rope (model.DiTConfig.text_progress_theta); n is the prompt's token count as
+    `byte_tokenize` makes it (BOS + bytes, truncated to max_text_len), in the same order.
+
+    The spoken words are the bytes between the first and the last double quote ('A calm voice.
+    "hello there"'), or after the only quote when truncation cut the closing one; a prompt without a
+    quote speaks all of it. Spoken token k of m sits at (k + 0.5) / m; BOS, the description and the
+    quotes at PROGRESS_OUTSIDE.
+    """
+    data = prompt.strip().encode("utf-8")
+    n = min(1 + len(data), max_text_len)
+    out = torch.full((n,), PROGRESS_OUTSIDE)
+    quotes = [i + 1 for i, byte in enumerate(data) if byte == ord('"') and i + 1 < n]  # token indices
+    first, last = 1, n - 1
+    if quotes:
+        first, last = quotes[0] + 1, (quotes[-1] - 1 if len(quotes) >= 2 else n - 1)
+    if last >= first:
+        out[first:last + 1] = (torch.arange(last - first + 1, dtype=torch.float32) + 0.5) / (last - first + 1)
+    return out
+
+
+def progress_table(progress, max_text_len):
+    """Per-prompt progress vectors (each at most max_text_len long) left-padded with PROGRESS_OUTSIDE
+    to (B, max_text_len): the layout of the tokenizer's ids and of `left_pad_features`."""
+    out = torch.full((len(progress), max_text_len), PROGRESS_OUTSIDE)
+    for i, p in enumerate(progress):
+        if len(p):
+            out[i, max_text_len - len(p):] = p
+    return out
+
+
 def _load_gemma(path, device, dtype):
     """(Gemma 3 text model, tokenizer) from a local directory, nothing downloaded.
 
@@ -456,6 +488,19 @@ class TextEncoder(nn.Module):
         """
         hidden_states, mask = self.hidden_states(prompts)
         return self.projection(hidden_states, mask).float(), mask
+
+    @property
+    def has_progress(self):
+        """Whether `progress` is defined: for the byte encoder, whose tokens are the prompt's bytes."""
+        return "byte_gemma" in self.identity.get("gemma", {})
+
+    def progress(self, prompts):
+        """(B, max_text_len) progress of every token through the spoken words (`spoken_progress`), in
+        `encode`'s layout: what a DiT with a progress rope takes beside the features."""
+        if not self.has_progress:
+            raise ValueError("text progress (text_progress_theta) is defined for the byte text encoder only: a "
+                             "subword tokenizer would need its offsets mapped to the quoted words")
+        return progress_table([spoken_progress(p, self.max_text_len) for p in prompts], self.max_text_len)
 
     @torch.no_grad()
     def encode_av(self, prompts):

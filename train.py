@@ -248,7 +248,8 @@ def build(cfg, device, example, with_audio=True):
         dit = model_lib.load_dit(cfg.ckpt, av=cfg.av, device="cpu", dtype=param_dtype)
     else:
         torch.manual_seed(cfg.seed)
-        dit_cfg = dataclasses.replace(model_lib.PRESETS[cfg.model], in_channels=latent_dim, cross_attention_dim=text_dim)
+        dit_cfg = dataclasses.replace(model_lib.PRESETS[cfg.model], in_channels=latent_dim, cross_attention_dim=text_dim,
+                                      text_progress_theta=cfg.text_progress_theta)
         if cfg.av:
             if not dit_cfg.video:
                 raise ValueError(f"config key 'model': av mode needs an audio-video preset (ltx23_av, tiny_av, "
@@ -256,6 +257,7 @@ def build(cfg, device, example, with_audio=True):
             dit_cfg = dataclasses.replace(dit_cfg, video_in_channels=example["video_x0"].shape[-1],
                                           video_cross_attention_dim=example["video_text"].shape[-1])
         dit = model_lib.AudioDiT(dit_cfg)
+    check_text_progress(cfg, dit.cfg)
     dit.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:  # one graph per block, built at its first call (records/2026-11-29_compile_bench.md)
         for block in dit.transformer_blocks:
@@ -268,7 +270,13 @@ def build(cfg, device, example, with_audio=True):
             cfg.model, ckpt=cfg.text_ckpt or cfg.ckpt, dim=example["video_text"].shape[-1],
             register_layout=cfg.register_layout, seed=cfg.seed + 1, stream="video").requires_grad_(False)
     if cfg.stage == "base":
-        trainable = list(dit.named_parameters()) + [("connector." + n, p) for n, p in connector.named_parameters()]
+        if cfg.hold_text_gates:
+            for block in dit.transformer_blocks:
+                if block.audio_attn2.to_gate_logits is None:
+                    raise ValueError(f"config key 'hold_text_gates': model {cfg.model!r} has no attention gates")
+                block.audio_attn2.to_gate_logits.requires_grad_(False)
+        trainable = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
+        trainable += [("connector." + n, p) for n, p in connector.named_parameters()]
     else:
         dit.requires_grad_(False)
         connector.requires_grad_(False)
@@ -362,8 +370,20 @@ def predict(parts, batch, x_t, sigma, timesteps, autocast, keep_speaker=None):
             keep = batch["speaker_present"] if keep_speaker is None else batch["speaker_present"] & keep_speaker
             deltas = parts["adaln"](batch["speaker"], keep=keep)
         v = parts["dit"](x_t, sigma, context, timesteps=timesteps, positions=batch["positions"],
-                         attn_mask=batch["attn_mask"], block_deltas=deltas)
+                         attn_mask=batch["attn_mask"], block_deltas=deltas,
+                         text_progress=batch.get("text_progress"), audio_progress=batch.get("audio_progress"))
     return v.float()
+
+
+def check_text_progress(cfg, dit_cfg):
+    """A progress rope (text_progress_theta) needs the byte text encoder and the official register layout
+    (the progress of a text token is computed from its bytes, in place); a checkpoint's own value rules."""
+    if cfg.text_progress_theta and cfg.text_progress_theta != dit_cfg.text_progress_theta:
+        raise ValueError(f"config key 'text_progress_theta' {cfg.text_progress_theta:g}: the checkpoint {cfg.ckpt} "
+                         f"was trained with {dit_cfg.text_progress_theta:g} (set it only for a DiT built from scratch)")
+    if dit_cfg.text_progress_theta and (cfg.text_encoder != "byte" or cfg.register_layout != "official"):
+        raise ValueError(f"a DiT with text_progress_theta {dit_cfg.text_progress_theta:g} needs text_encoder 'byte' and "
+                         f"register_layout 'official', got {cfg.text_encoder!r} / {cfg.register_layout!r}")
 
 
 def micro_loss(cfg, parts, batch, gen, autocast, aux):
@@ -825,7 +845,12 @@ def export_weights(cfg, parts, trainable, masters, run_dir, tag=""):
     files.check_finite(state, f"{run_dir}: the {cfg.stage} weights to export")  # no diverged deliverable
     if cfg.stage == "base":
         dit, connector = parts["dit"], parts["connector"]
-        dit.load_state_dict({k: v for k, v in state.items() if not k.startswith("connector.")})
+        missing, unexpected = dit.load_state_dict({k: v for k, v in state.items() if not k.startswith("connector.")},
+                                         strict=False)
+        held = {n for n, p in dit.named_parameters() if not p.requires_grad}  # hold_text_gates: not trained
+        if set(missing) - held or unexpected:
+            raise RuntimeError(f"base export: no trained weights for {sorted(set(missing) - held)[:4]}, "
+                               f"unknown {unexpected[:4]}")
         connector.load_state_dict({k[len("connector."):]: v for k, v in state.items() if k.startswith("connector.")})
         path = os.path.join(run_dir, f"dit{tag}.safetensors")
         meta = json.loads(model_lib.metadata_from_dit_config(dit.cfg)["config"])
@@ -893,7 +918,7 @@ def validate(cfg, parts, val_set, device, autocast, aux=None):
         total += own.sum().item()
         count += B
         if B > 1:  # every item with its neighbour's prompt (a batch of one has no other prompt)
-            swapped = {**batch, "text": batch["text"].roll(1, 0), "text_mask": batch["text_mask"].roll(1, 0)}
+            swapped = {**batch, **{k: batch[k].roll(1, 0) for k in ("text", "text_mask", "text_progress")}}
             other = losses.flow_loss(forward(sigma, swapped)[1], x0, noise, batch["loss_mask"])
             other_text += (other - own).sum().item()
             other_count += B
@@ -992,6 +1017,9 @@ def main(argv=None):
     train_set, val_set, example = load_data(cfg, master)
     sampler = data.BatchSampler(train_set, cfg.global_batch, seed=cfg.seed, source_weights=cfg.sources)
     parts = build(cfg, device, example, with_audio=not cfg.av or train_set.report["with_audio"] > 0)
+    if parts["dit"].cfg.text_progress_theta and not train_set.has_progress:
+        raise ValueError(f"{train_set.cache_dir}: the cache holds no text progress, which this DiT's progress rope "
+                         "needs (made by an older speakerbox or another text encoder): run `python data.py prepare`")
     collate = collate_fn(cfg, train_set, parts)
     trainable = parts["trainable"]
     params = [p for _, p in trainable]
