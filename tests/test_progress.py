@@ -128,3 +128,23 @@ def test_base_with_progress_and_held_gates_through_stage1_and_sampling(micro_cor
             "--prompt", 'A clear voice. "the red fox"', "--duration", "1", "--steps", "2", "--device", "cpu",
             "--out", str(out)], cwd=work)
     assert out.stat().st_size > 1000
+
+
+def test_progress_rope_refuses_a_cache_without_progress(micro_corpus, tmp_path):
+    """A cache made by an encoder without progress (or before it existed) is refused in one line."""
+    import json
+    import shutil
+
+    work, data_args = micro_corpus
+    cache = tmp_path / "cache"
+    shutil.copytree(work / "cache", cache)
+    for split in ("train", "val"):
+        index = cache / split / "index.json"
+        meta = json.loads(index.read_text())
+        meta["text_progress"] = False
+        index.write_text(json.dumps(meta))
+    args = [a for a in data_args if not a.startswith("--cache_dir=")] + [f"--cache_dir={cache}"]
+    proc = run_py([os.path.join(ROOT, "train.py"), *args, "--stage=base", "--name=noprog", "--max_steps=1",
+                   "--global_batch=2", "--micro_batch=2", "--text_progress_theta=16"], cwd=work, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "holds no text progress" in last and str(cache / "train") in last, proc.stderr[-400:]
