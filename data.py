@@ -52,7 +52,7 @@ from audio import REF_PEAK, SAMPLE_RATE, resample
 from codec import to_channels
 from encoders import load_models  # the codec, text encoder and speaker extractors the cache is made with
 from model import audio_positions, audio_progress, video_positions
-from text import left_pad_features, progress_table
+from text import left_pad_features, progress_table, spoken_progress
 
 CACHE_VERSION = 3  # bump when the layout of a cache entry changes (3: text_progress)
 SILENT_PEAK = 1e-4  # a clip whose peak is below -80 dBFS is treated as silent (no usable speech)
@@ -281,8 +281,7 @@ def text_progress(text_encoder, prompt):
     a text encoder that has none (`TextEncoder.has_progress`: the byte encoder's)."""
     if not getattr(text_encoder, "has_progress", False):
         return None
-    _, mask = text_encoder.tokenize([prompt])
-    return text_encoder.progress([prompt])[0][mask[0].bool()]
+    return spoken_progress(prompt, text_encoder.max_text_len)
 
 
 @torch.inference_mode()

@@ -267,16 +267,8 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
             return temperature * torch.stack([torch.randn(t, F_lat, generator=g) for g in gens]).to(device)
 
         noise = draw()
-        texts = [prompts[i] for i in idx] + [negative_prompt]
-        feats, mask = text_encoder.encode(texts)
-        ctx_all = connector(feats, mask).float()  # (B+1, L, D)
-        context, neg_context = ctx_all[:-1], ctx_all[-1:].expand(len(idx), -1, -1)
-        text_prog = neg_prog = None
-        if model.cfg.text_progress_theta:
-            if connector.register_layout != "official":
-                raise ValueError("a DiT with a progress rope needs the connector's official register layout")
-            prog_all = text_encoder.progress(texts)
-            text_prog, neg_prog = prog_all[:-1], prog_all[-1:].expand(len(idx), -1)
+        context, neg_context, text_prog, neg_prog = prompt_inputs(model, text_encoder, connector,
+                                                                  [prompts[i] for i in idx], negative_prompt)
         ref = torch.cat([ref_lat[i] for i in idx]) if ref_lat[idx[0]] is not None else None
         deltas = torch.cat([ref_deltas[i] for i in idx]) if ref_deltas[idx[0]] is not None else None
         sigmas = ltx2_sigmas(steps, shift_tokens, stretch_to=sigma_last)
@@ -291,6 +283,21 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     if bar is not None:
         bar.close()
     return out
+
+
+def prompt_inputs(model, text_encoder, connector, prompts, negative_prompt):
+    """(context (B, L, D), neg_context (B, L, D), text_progress (B, L), neg_text_progress (B, L)) of a
+    batch of prompts and the negative prompt; the progress tables are None unless the DiT has a
+    progress rope (`model.DiTConfig.text_progress_theta`)."""
+    B, texts = len(prompts), list(prompts) + [negative_prompt]
+    feats, mask = text_encoder.encode(texts)
+    ctx_all = connector(feats, mask).float()  # (B+1, L, D)
+    if not model.cfg.text_progress_theta:
+        return ctx_all[:-1], ctx_all[-1:].expand(B, -1, -1), None, None
+    if connector.register_layout != "official":  # the progress is laid out where the tokens are
+        raise ValueError("a DiT with a progress rope needs the connector's official register layout")
+    prog_all = text_encoder.progress(texts)
+    return ctx_all[:-1], ctx_all[-1:].expand(B, -1, -1), prog_all[:-1], prog_all[-1:].expand(B, -1)
 
 
 def check_generated(x0, wav):

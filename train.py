@@ -257,7 +257,6 @@ def build(cfg, device, example, with_audio=True):
             dit_cfg = dataclasses.replace(dit_cfg, video_in_channels=example["video_x0"].shape[-1],
                                           video_cross_attention_dim=example["video_text"].shape[-1])
         dit = model_lib.AudioDiT(dit_cfg)
-    check_text_progress(cfg, dit.cfg)
     dit.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:  # one graph per block, built at its first call (records/2026-11-29_compile_bench.md)
         for block in dit.transformer_blocks:
@@ -375,15 +374,19 @@ def predict(parts, batch, x_t, sigma, timesteps, autocast, keep_speaker=None):
     return v.float()
 
 
-def check_text_progress(cfg, dit_cfg):
-    """A progress rope (text_progress_theta) needs the byte text encoder and the official register layout
-    (the progress of a text token is computed from its bytes, in place); a checkpoint's own value rules."""
+def check_text_progress(cfg, dit_cfg, train_set):
+    """A progress rope (text_progress_theta) needs the byte text encoder, the official register layout
+    (the progress of a text token is computed from its bytes, in place) and a cache that stores it; a
+    checkpoint's own value rules."""
     if cfg.text_progress_theta and cfg.text_progress_theta != dit_cfg.text_progress_theta:
         raise ValueError(f"config key 'text_progress_theta' {cfg.text_progress_theta:g}: the checkpoint {cfg.ckpt} "
                          f"was trained with {dit_cfg.text_progress_theta:g} (set it only for a DiT built from scratch)")
     if dit_cfg.text_progress_theta and (cfg.text_encoder != "byte" or cfg.register_layout != "official"):
         raise ValueError(f"a DiT with text_progress_theta {dit_cfg.text_progress_theta:g} needs text_encoder 'byte' and "
                          f"register_layout 'official', got {cfg.text_encoder!r} / {cfg.register_layout!r}")
+    if dit_cfg.text_progress_theta and not train_set.has_progress:
+        raise ValueError(f"{train_set.cache_dir}: the cache holds no text progress, which this DiT's progress rope "
+                         "needs (made by an older speakerbox or another text encoder): run `python data.py prepare`")
 
 
 def micro_loss(cfg, parts, batch, gen, autocast, aux):
@@ -1017,9 +1020,7 @@ def main(argv=None):
     train_set, val_set, example = load_data(cfg, master)
     sampler = data.BatchSampler(train_set, cfg.global_batch, seed=cfg.seed, source_weights=cfg.sources)
     parts = build(cfg, device, example, with_audio=not cfg.av or train_set.report["with_audio"] > 0)
-    if parts["dit"].cfg.text_progress_theta and not train_set.has_progress:
-        raise ValueError(f"{train_set.cache_dir}: the cache holds no text progress, which this DiT's progress rope "
-                         "needs (made by an older speakerbox or another text encoder): run `python data.py prepare`")
+    check_text_progress(cfg, parts["dit"].cfg, train_set)
     collate = collate_fn(cfg, train_set, parts)
     trainable = parts["trainable"]
     params = [p for _, p in trainable]
