@@ -159,6 +159,9 @@ class Config:
     sample_sigma_last: float = 0.1  # last non-zero σ of the schedule (sample.py --sigma_last; 0.1 = the reference's)
     sample_seeds: list[int] = field(default_factory=lambda: [0])  # one sample per prompt x speaker x seed
     sample_prompts: int = 0  # the first N val prompts are spoken by every reference (0 = all of them)
+    sample_split: str = "held_out"  # held_out: those prompts and each voice's first val clip (the numbers a run
+    # reports); development: the next N prompts and each voice's second clip, for choosing sampling settings
+    # without looking at the held-out numbers (written under RUN/development/)
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
     eval_dnsmos_clips: int = 16  # DNSMOS scores this many samples per variant, spread evenly (0 = all)
@@ -313,6 +316,7 @@ CHOICES = {
     "stage": ("base", "lora", "adaln"), "codec": ("mel", "ltx"), "register_layout": ("official", "ltx_core_1_0"),
     "sigma_sampler": ("shifted_logit_normal", "uniform", "fixed"), "best_by": ("val_loss", "val_spk_sim"),
     "av_sigma": ("independent", "shared"), "audio_free": ("mask", "preserve"),
+    "sample_split": ("held_out", "development"),
 }
 # (low, high) bounds of numeric keys, inclusive unless listed below; None = unbounded on that side
 BOUNDS = {

@@ -7,7 +7,7 @@ that it scores the voice rather than the audio quality). For a generated clip wi
 speaker s it reports (a) whether it recognises s and (b) the margin between the clip's cosine
 similarity to s's centroid and its mean similarity to the other speakers' centroids.
 
-    python judge.py --corpus data/tiny [--out runs/judge.pt --seed 0]
+    python judge.py --corpus data/tiny [--out runs/judge.safetensors --seed 0]
 
 trains on `judge.jsonl`, then reports accuracy and margin on the held-out real clips of
 `val.jsonl`, as they are and after a mel -> Griffin-Lim round trip (the "ceiling" a mel codec
@@ -187,24 +187,28 @@ def judge_report(judge, wavs, ref_speaker_ids, sample_rate=SAMPLE_RATE):
             "margin": float(margin.mean()), "per_speaker": per_speaker}
 
 
+def _feature_settings():
+    return {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS, "active_db": ACTIVE_DB}
+
+
 def save_judge(judge, path):
-    """Write the judge as a plain dict (weights, speakers, feature settings), atomically."""
-    state = {"state_dict": judge.state_dict(), "speakers": judge.speakers,
-             "dim": judge.centroids.shape[1],
-             "features": {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS,
-                          "active_db": ACTIVE_DB}}
+    """Write the judge as safetensors (its weights) with its speakers and feature settings as JSON
+    metadata, atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    files.torch_save(state, path)
+    files.save_safetensors(judge.state_dict(), path, {"format": "speakerbox.judge", "speakers": judge.speakers,
+                                                      "features": _feature_settings()})
 
 
 def load_judge(path):
-    """Read a judge written by `save_judge`; refuses one made with other feature settings."""
-    state = files.torch_load(path)
-    want = {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS, "active_db": ACTIVE_DB}
-    if state.get("features") != want:
-        raise ValueError(f"{path}: judge features {state.get('features')} differ from this judge.py's {want}")
-    judge = Judge(state["speakers"], state["dim"])
-    judge.load_state_dict(state["state_dict"])
+    """Read a judge written by `save_judge`; refuses another file or one made with other feature settings."""
+    if files.read_safetensors_metadata(path).get("format") != "speakerbox.judge":
+        raise files.BadFile(f"{path}: not a judge written by judge.py (no format 'speakerbox.judge' in its metadata)")
+    features = files.read_json_metadata(path, "features")
+    if features != _feature_settings():
+        raise ValueError(f"{path}: judge features {features} differ from this judge.py's {_feature_settings()}")
+    state = files.load_safetensors(path)
+    judge = Judge(files.read_json_metadata(path, "speakers"), state["centroids"].shape[1])
+    judge.load_state_dict(state)
     return judge.eval()
 
 
@@ -276,7 +280,7 @@ def load_split(manifest):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="train the speaker judge on a corpus and test it")
     parser.add_argument("--corpus", required=True, help="corpus directory (corpus.py --out)")
-    parser.add_argument("--out", default="", help="where to save the judge (default: CORPUS/judge.pt)")
+    parser.add_argument("--out", default="", help="where to save the judge (default: CORPUS/judge.safetensors)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     corpus = Path(args.corpus)
@@ -285,7 +289,7 @@ def main(argv=None):
     t0 = time.time()
     judge = train_judge(train_wavs, train_spk, seed=args.seed)
     t_train = time.time() - t0
-    save_judge(judge, args.out or corpus / "judge.pt")
+    save_judge(judge, args.out or corpus / "judge.safetensors")
     print(f"judge: trained on {len(train_wavs)} real clips of {len(judge.speakers)} speakers "
           f"(+ augmented copies) in {t_train:.1f} s; tested on {len(test_wavs)} held-out clips")
     with one_thread():

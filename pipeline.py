@@ -64,10 +64,12 @@ def paths(cfg):
     out = {"run": run, "corpus": corpus, "train": corpus / "train.jsonl", "val": corpus / "val.jsonl",
            "base_train": corpus / "base.jsonl", "base_cache": Path(cfg.cache_dir) / "base",
            "judge_split": corpus / "judge.jsonl", "val_unseen": corpus / "val_unseen.jsonl",
-           "judge_unseen": corpus / "judge_unseen.jsonl", "merged": run / "merged.safetensors",
-           "samples": run / "samples", "judge": run / "judge.pt", "judge_json": run / "judge.json",
-           "report": run / "report.html", "scores": run / "scores.json", "summary": run / "summary.json",
-           "data_config": run / "data_config.json"}
+           "judge_unseen": corpus / "judge_unseen.jsonl", "merged": run / "merged.safetensors"}
+    # what the sample and eval steps write; a development split's apart, so it never overwrites the held-out numbers
+    scored = run / "development" if cfg.sample_split == "development" else run
+    out.update({"samples": scored / "samples", "judge": scored / "judge.safetensors", "judge_json": scored / "judge.json",
+                "report": scored / "report.html", "scores": scored / "scores.json",
+                "summary": scored / "summary.json", "data_config": scored / "data_config.json"})
     for stage, file in STAGE_OUTPUT.items():
         out[f"{stage}_dir"] = Path(cfg.out_dir) / f"{cfg.name}_{stage}"
         out[stage] = out[f"{stage}_dir"] / file
@@ -200,17 +202,35 @@ def step_merge(cfg, p, yamls, overrides):
                 p["run"] / "logs" / "merge.log")
 
 
-def reference_clips(manifest):
-    """(prompts, their clips' durations in s, {speaker: first clip}) of a corpus manifest: every
-    prompt, and one reference per speaker."""
+def reference_clips(manifest, which=0):
+    """(prompts, their clips' durations in s, {speaker: clip}) of a corpus manifest: every prompt, and
+    one reference per speaker, its `which`-th clip (0: the first)."""
     import soundfile as sf
 
     rows = [json.loads(line) for line in open(manifest, encoding="utf-8") if line.strip()]
     clips = [str((Path(manifest).parent / r["audio"]).resolve()) for r in rows]
-    refs = {}
+    per_speaker = {}
     for r, clip in zip(rows, clips):
-        refs.setdefault(r["speaker"], clip)
-    return [r["text"] for r in rows], [sf.info(c).duration for c in clips], refs
+        per_speaker.setdefault(r["speaker"], []).append(clip)
+    short = sorted(s for s, c in per_speaker.items() if len(c) <= which)
+    if short:
+        raise ValueError(f"{manifest}: speakers {short} have no clip number {which + 1} to be a reference")
+    return [r["text"] for r in rows], [sf.info(c).duration for c in clips], {s: c[which] for s, c in per_speaker.items()}
+
+
+def sample_plan(cfg, p):
+    """(prompts, durations in s, {seen speaker: reference clip}, {held-out speaker: clip}) the sample step speaks: held out, the first
+    `sample_prompts` val prompts and each voice's first val clip; development, the next as many prompts
+    and each voice's second clip (seen and held-out voices alike)."""
+    development = cfg.sample_split == "development"
+    prompts, durations, refs = reference_clips(p["val"], which=int(development))
+    n = cfg.sample_prompts or len(prompts)
+    start = n if development else 0
+    if start + n > len(prompts):
+        raise ValueError(f"{p['val']}: sample_split development needs {2 * n} val prompts (twice sample_prompts "
+                         f"{cfg.sample_prompts}), the manifest has {len(prompts)}")
+    unseen = reference_clips(p["val_unseen"], which=int(development))[2] if cfg.corpus_unseen else {}
+    return prompts[start:start + n], durations[start:start + n], refs, unseen
 
 
 def step_sample(cfg, p, yamls, overrides):
@@ -218,10 +238,7 @@ def step_sample(cfg, p, yamls, overrides):
     import audio
     import sample as sample_lib
 
-    prompts, durations, refs = reference_clips(p["val"])
-    if cfg.sample_prompts:
-        prompts, durations = prompts[:cfg.sample_prompts], durations[:cfg.sample_prompts]
-    unseen = reference_clips(p["val_unseen"])[2] if cfg.corpus_unseen else {}
+    prompts, durations, refs, unseen = sample_plan(cfg, p)
     refs = {**refs, **unseen}  # held-out voices speak the same prompts; their samples say seen: false
     # the config that made the cache (no `ckpt`: the text projection is the seeded random one)
     p["data_config"].write_text(json.dumps({"config": {**config_dict(cfg), "ckpt": "", "stage": "adaln"}}))
@@ -308,7 +325,7 @@ def step_eval(cfg, p, yamls, overrides):
                  "--dnsmos_per_variant", cfg.eval_dnsmos_clips, "--player_rate", REPORT_PLAYER_RATE,
                  "--out", p["report"], "--scores", p["scores"], "--title", f"speakerbox pipeline: {cfg.name}",
                  *(["--metrics_jsonl", *curves] if curves else [])],
-                p["run"] / "logs" / "eval.log")
+                p["judge_json"].parent / "logs" / "eval.log")
 
 
 def load_samples(directory):
@@ -415,7 +432,7 @@ def main(argv=None):
     cfg = load_config(argv)
     check_config(cfg, yamls)
     p = paths(cfg)
-    p["run"].mkdir(parents=True, exist_ok=True)
+    p["summary"].parent.mkdir(parents=True, exist_ok=True)  # the run, or its development/ folder
     if "tiny_sv" in cfg.speaker_extractors and "tiny_sv" not in cfg.speaker_paths:
         # the encoder the `sv` step trains (or trained in an earlier run of this name) feeds every stage
         cfg.speaker_paths = {**cfg.speaker_paths, "tiny_sv": str(p["sv"])}

@@ -515,13 +515,13 @@ def test_judge_rows_average_to_judge_report(sample_dirs, tmp_path):
 
     clips = [torch.from_numpy(_voice(2, f0, seed)) for f0 in (180, 100) for seed in range(4)]
     judge = judge_lib.train_judge(clips, ["alice"] * 4 + ["bob"] * 4, steps=50)
-    judge_lib.save_judge(judge, tmp_path / "judge.pt")
+    judge_lib.save_judge(judge, tmp_path / "judge.safetensors")
     samples = ev.load_samples(sample_dirs)
-    table, skipped = ev.score_samples(samples, _args(judge=str(tmp_path / "judge.pt")), groups=["judge"])
+    table, skipped = ev.score_samples(samples, _args(judge=str(tmp_path / "judge.safetensors")), groups=["judge"])
     assert set(table["judge_acc"]) == {s["id"] for s in samples} and set(table["judge_acc"].values()) <= {0.0, 1.0}
     for variant in ("base", "adaln"):
         mine = [s for s in samples if s["variant"] == variant]
-        want = judge_lib.judge_report(judge_lib.load_judge(tmp_path / "judge.pt"),
+        want = judge_lib.judge_report(judge_lib.load_judge(tmp_path / "judge.safetensors"),
                                       [audio.read_mono16k(s["path"]) for s in mine], ["alice"] * len(mine))
         assert np.mean([table["judge_acc"][s["id"]] for s in mine]) == pytest.approx(want["accuracy"])
         assert np.mean([table["judge_margin"][s["id"]] for s in mine]) == pytest.approx(want["margin"], abs=1e-6)

@@ -2,11 +2,14 @@
 far above chance (also after a mel -> Griffin-Lim round trip), and falls to chance when the labels
 are shuffled or the clips are noise."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import corpus
+import files
 import judge
 
 
@@ -94,16 +97,21 @@ def test_predict_embed_and_sample_rates(clips, trained):
 
 def test_save_load(clips, trained, tmp_path):
     _, (wavs, _) = clips
-    judge.save_judge(trained, tmp_path / "j.pt")
-    loaded = judge.load_judge(tmp_path / "j.pt")
+    judge.save_judge(trained, tmp_path / "j.safetensors")
+    loaded = judge.load_judge(tmp_path / "j.safetensors")
     assert loaded.speakers == trained.speakers
     torch.testing.assert_close(loaded.predict_proba(wavs), trained.predict_proba(wavs))
     torch.testing.assert_close(loaded.centroids, trained.centroids)
-    state = torch.load(tmp_path / "j.pt", weights_only=True)
-    state["features"]["n_mels"] = 64
-    torch.save(state, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt: judge features"):
-        judge.load_judge(tmp_path / "other.pt")
+    # the weights are plain safetensors, the settings JSON metadata: nothing is unpickled
+    state = files.load_safetensors(tmp_path / "j.safetensors")
+    meta = files.read_safetensors_metadata(tmp_path / "j.safetensors")
+    features = {**json.loads(meta["features"]), "n_mels": 64}
+    files.save_safetensors(state, tmp_path / "other.safetensors", {**meta, "features": features})
+    with pytest.raises(ValueError, match="other.safetensors: judge features"):
+        judge.load_judge(tmp_path / "other.safetensors")
+    files.save_safetensors(state, tmp_path / "dit.safetensors", {"config": "{}"})  # any other safetensors file
+    with pytest.raises(ValueError, match="dit.safetensors: not a judge written by judge.py"):
+        judge.load_judge(tmp_path / "dit.safetensors")
 
 
 def test_bad_input(clips, trained):

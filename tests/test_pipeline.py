@@ -61,7 +61,7 @@ def test_stage_outputs_chain(run):
     tmp, _ = run
     runs = tmp / "runs"
     for path in ("smoke_base/dit.safetensors", "smoke_lora/lora.safetensors", "smoke/merged.safetensors",
-                 "smoke_adaln/adaln.safetensors", "smoke/judge.pt", "smoke/report.html"):
+                 "smoke_adaln/adaln.safetensors", "smoke/judge.safetensors", "smoke/report.html"):
         assert (runs / path).is_file(), path
     # each stage trained on top of the previous stage's output
     lora_cfg = json.loads((runs / "smoke_lora" / "config.json").read_text())["config"]
@@ -222,3 +222,44 @@ def test_prepare_fits_the_mel_basis_every_stage_then_uses(tmp_path):
     index = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
     with safe_open(str(data.entry_path(tmp_path / "cache" / "train", index["items"][0]["id"])), "pt") as f:
         assert f.get_tensor("latent").shape[-1] == 16
+
+
+def test_development_split_speaks_other_prompts_with_other_references(tmp_path):
+    """sample_split development: the next sample_prompts val prompts and each voice's second clip,
+    scored under RUN/development/ so the held-out numbers stay where they were."""
+    import numpy as np
+    import soundfile as sf
+
+    def manifest(name, speakers):
+        rows = []
+        for spk in speakers:
+            for k in range(2):
+                wav = tmp_path / "wavs" / f"{spk}_{k}.wav"
+                wav.parent.mkdir(exist_ok=True)
+                sf.write(wav, np.zeros(16000 + 1600 * len(rows), dtype=np.float32), 16000)
+                rows.append({"audio": f"wavs/{wav.name}", "text": f'A voice. "{spk} {k}"', "speaker": spk})
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    manifest("val.jsonl", ["spk00", "spk01"])
+    manifest("val_unseen.jsonl", ["spk02"])
+    argv = [MICRO, f"--corpus_dir={tmp_path}", f"--out_dir={tmp_path / 'runs'}", "--name=dev", "--sample_prompts=2",
+            "--corpus_unseen=1"]
+    held, dev = (load_config([*argv, f"--sample_split={s}"]) for s in ("held_out", "development"))
+    prompts, seconds, refs, unseen = pipeline.sample_plan(held, pipeline.paths(held))
+    assert prompts == ['A voice. "spk00 0"', 'A voice. "spk00 1"'] and seconds == [1.0, 1.1]
+    assert refs == {s: str(tmp_path / "wavs" / f"{s}_0.wav") for s in ("spk00", "spk01")}
+    assert unseen == {"spk02": str(tmp_path / "wavs" / "spk02_0.wav")}
+    prompts, seconds, refs, unseen = pipeline.sample_plan(dev, pipeline.paths(dev))
+    assert prompts == ['A voice. "spk01 0"', 'A voice. "spk01 1"'] and seconds == [1.2, 1.3]
+    assert refs == {s: str(tmp_path / "wavs" / f"{s}_1.wav") for s in ("spk00", "spk01")}
+    assert unseen == {"spk02": str(tmp_path / "wavs" / "spk02_1.wav")}
+    p_held, p_dev = pipeline.paths(held), pipeline.paths(dev)
+    for key in ("samples", "judge_json", "report", "scores", "summary"):
+        assert p_dev[key] == p_held[key].parent / "development" / p_held[key].name
+    assert p_dev["merged"] == p_held["merged"]  # the same models
+    with pytest.raises(ValueError, match="needs 6 val prompts"):
+        too_many = load_config([*argv, "--sample_split=development", "--sample_prompts=3"])
+        pipeline.sample_plan(too_many, pipeline.paths(too_many))
+    (tmp_path / "val.jsonl").write_text((tmp_path / "val.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"val.jsonl: speakers \['spk00'\] have no clip number 2"):
+        pipeline.sample_plan(dev, pipeline.paths(dev))
