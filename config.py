@@ -152,6 +152,7 @@ class Config:
     sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
+    sample_spk_sigma: list[float] = field(default_factory=lambda: [0.0, 1.0])  # σ range of its guided steps
     sample_temperature: float = 1.0  # starting noise x this (sample.py --temperature; 1 = the reference pipelines')
     sample_eta: float = 0.0  # share of fresh noise per sampling step (sample.py --eta; 0 = the reference Euler)
     sample_shift_tokens: int = 0  # token count of the σ-schedule shift (sample.py --shift_tokens; 0 = 4096, the
@@ -369,6 +370,8 @@ def check_values(cfg, where=None):
         fail("micro_batch", f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch}")
     if cfg.min_seconds > cfg.max_seconds:
         fail("min_seconds", f"{cfg.min_seconds} is above max_seconds {cfg.max_seconds}")
+    if len(cfg.sample_spk_sigma) != 2 or not 0 <= cfg.sample_spk_sigma[0] <= cfg.sample_spk_sigma[1] <= 1:
+        fail("sample_spk_sigma", f"needs [low, high] with 0 <= low <= high <= 1, got {cfg.sample_spk_sigma}")
     if len(cfg.clone_probs) != 3 or min(cfg.clone_probs) < 0 or sum(cfg.clone_probs) <= 0:
         fail("clone_probs", f"needs 3 probabilities >= 0 (forward, reverse, uncond) with a positive sum, "
                             f"got {cfg.clone_probs}")

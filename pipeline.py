@@ -258,7 +258,8 @@ def step_sample(cfg, p, yamls, overrides):
         spk_cfg = cfg.sample_spk_cfg if variant == "adaln_guided" else 1.0
         settings = dict(steps=cfg.sample_steps, cfg=cfg.sample_cfg, stg=0.0, spk_cfg=spk_cfg, rescale=0.0,
                         temperature=cfg.sample_temperature, eta=cfg.sample_eta, batch_size=cfg.sample_batch,
-                        shift_tokens=cfg.sample_shift_tokens or None, sigma_last=cfg.sample_sigma_last)
+                        shift_tokens=cfg.sample_shift_tokens or None, sigma_last=cfg.sample_sigma_last,
+                        spk_sigma=tuple(cfg.sample_spk_sigma) if variant == "adaln_guided" else (0.0, 1.0))
         # The baseline never hears the reference: one generation per (prompt, seed, length) is every
         # voice's sample (the same audio, bit for bit), so it is made once, not once per voice.
         keys = [item if adaln else (item[0], None, *item[2:]) for item in items]

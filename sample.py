@@ -64,6 +64,8 @@ def add_guidance_args(p):
     p.add_argument("--rescale", type=float, default=0.7, help="std rescale of the guided x0 (0 = off)")
     p.add_argument("--spk_cfg", type=float, default=1.0, help="speaker guidance scale: conditioned vs the same "
                    "pass without speaker (1 = off)")
+    p.add_argument("--spk_sigma", default="0,1", help="LOW,HIGH: σ range of the steps that take speaker guidance "
+                   "(0,1 = every step; 0.45,1 for the tiny preset: guidance where the voice is laid down)")
     p.add_argument("--negative_prompt", default="", help="prompt of the CFG negative pass (default empty)")
     p.add_argument("--duration", default="auto", help="'auto' (DramaBox estimate from the prompt) or seconds")
     p.add_argument("--ref_mode", default="adaln", choices=REF_MODES,
@@ -286,7 +288,19 @@ def sample_kwargs(args, device):
                 device=device, dtype=compute_dtype(device, args.dtype), batch_size=args.batch_size,
                 ref_mode=args.ref_mode,
                 negative_prompt=args.negative_prompt, shift_tokens=args.shift_tokens or None,
-                sigma_last=args.sigma_last, temperature=args.temperature, eta=args.eta)
+                sigma_last=args.sigma_last, temperature=args.temperature, eta=args.eta,
+                spk_sigma=parse_spk_sigma(args.spk_sigma))
+
+
+def parse_spk_sigma(text):
+    """--spk_sigma "LOW,HIGH" -> (low, high), a clear error for anything else."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--spk_sigma {text!r}: expected LOW,HIGH (two numbers, e.g. 0.45,1)") from None
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"--spk_sigma {text!r}: needs 0 <= LOW <= HIGH <= 1")
+    return low, high
 
 
 def main(argv=None):

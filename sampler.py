@@ -97,7 +97,8 @@ REF_MODES = ("adaln", "tokens", "both", "none")
 
 
 def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
-    """The passes one step needs besides the conditioned one, in batch order."""
+    """The passes one step needs besides the conditioned one, in batch order (the no-speaker pass
+    last: `denoise` drops it at the steps outside the guidance interval)."""
     passes = ["cond"]
     if cfg != 1.0:
         passes.append("uncond")
@@ -111,7 +112,8 @@ def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
 @torch.no_grad()
 def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, deltas=None,
             cfg=1.0, stg=0.0, stg_blocks=(), spk_cfg=1.0, rescale=0.0, dtype=torch.float32,
-            eta=0.0, fresh_noise=None, progress=None, text_progress=None, neg_text_progress=None):
+            eta=0.0, fresh_noise=None, progress=None, text_progress=None, neg_text_progress=None,
+            spk_sigma=(0.0, 1.0)):
     """Run the Euler sampler from `noise` (B, T, F) to x0 (B, T, F), fp32.
 
     context / neg_context: (B, L, D) connector outputs of the prompts and the negative prompt.
@@ -128,6 +130,10 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
     and a stochastic sampler, as DDIM's η is; at η = 1 every step's estimate is re-noised from
     scratch (a consistency model's multistep sampler). The fresh draws pull the path back towards
     noise the model was trained on, where a small model's deterministic path drifts.
+
+    spk_sigma: (low, high) σ range of the steps that take speaker guidance (a guidance interval,
+    Kynkäänniemi et al. 2024); the others run without the no-speaker pass. The voice is laid down
+    in the noisy steps; guidance in the last ones only pushes the fine detail off what the model makes.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
@@ -162,19 +168,22 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
     x = noise.float()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        x_in = rep(x)
-        sig = torch.full((P * B,), sigma, device=device)
+        # outside the guidance interval the no-speaker pass (always the last) is left out of the batch
+        n = P - ("nospk" in passes and not spk_sigma[0] <= sigma <= spk_sigma[1])
+        cut = lambda t: None if t is None else t[:n * B]  # noqa: E731
+        x_in = rep(x)[:n * B]
+        sig = torch.full((n * B,), sigma, device=device)
         timesteps = None
         if Tr:  # per-token σ: the reference tokens are clean
-            x_in = torch.cat([x_in, ref], dim=1)
-            timesteps = torch.cat([sig[:, None].expand(-1, T), torch.zeros(P * B, Tr, device=device)], dim=1)
+            x_in = torch.cat([x_in, cut(ref)], dim=1)
+            timesteps = torch.cat([sig[:, None].expand(-1, T), torch.zeros(n * B, Tr, device=device)], dim=1)
         # σ stays fp32: the timestep embedding is computed in fp32 (as the reference) whatever the dtype
-        v = model(x_in.to(dtype), sig, ctx, timesteps=timesteps, positions=positions,
-                  attn_mask=attn_mask, stg_blocks=tuple(stg_blocks) if "stg" in passes else (),
-                  stg_samples=stg_mask if "stg" in passes else None, block_deltas=block_deltas,
-                  text_progress=text_prog, audio_progress=audio_prog)
-        x0 = (x_in[:, :T] - sigma * v[:, :T].float()).view(P, B, T, -1)  # x0 = x_t - σ v, fp32
-        parts = dict(zip(passes, x0.unbind(0)))
+        v = model(x_in.to(dtype), sig, cut(ctx), timesteps=timesteps, positions=cut(positions),
+                  attn_mask=cut(attn_mask), stg_blocks=tuple(stg_blocks) if "stg" in passes else (),
+                  stg_samples=cut(stg_mask) if "stg" in passes else None, block_deltas=cut(block_deltas),
+                  text_progress=cut(text_prog), audio_progress=cut(audio_prog))
+        x0 = (x_in[:, :T] - sigma * v[:, :T].float()).view(n, B, T, -1)  # x0 = x_t - σ v, fp32
+        parts = dict(zip(passes[:n], x0.unbind(0)))
         pred = guided_x0(parts["cond"], parts.get("uncond"), parts.get("stg"), parts.get("nospk"),
                          cfg=cfg, stg=stg, spk_cfg=spk_cfg, rescale=rescale)
         if eta and sigma_next > 0:
@@ -210,7 +219,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
            adaln=None, speaker=None, steps=30, cfg=7.0, stg=1.0, stg_blocks=None, spk_cfg=1.0,
            rescale=0.7, duration="auto", device="cpu", dtype=torch.float32, batch_size=4,
            negative_prompt="", shift_tokens=None, sigma_last=REFERENCE_SIGMA_LAST, temperature=1.0, eta=0.0,
-           progress=True):
+           progress=True, spk_sigma=(0.0, 1.0)):
     """Generate one waveform per (prompt, seed[, reference]) item; returns a list of (C, N) tensors
     at `codec.output_rate`, in the order of `prompts`.
 
@@ -229,6 +238,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
     eta: the share of fresh noise per step (`denoise`), drawn from the item's own generator after
     its starting noise and scaled by `temperature`; eta = 0 draws nothing more, so the samples
     are those of the deterministic sampler bit for bit.
+    spk_sigma: (low, high) σ range of the steps that take speaker guidance (`denoise`; (0, 1): all).
     """
     if ref_mode not in REF_MODES:
         raise ValueError(f"ref_mode must be one of {REF_MODES}, got {ref_mode!r}")
@@ -236,6 +246,8 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0 < sigma_last < 1:
         raise ValueError(f"sigma_last must be in (0, 1), got {sigma_last}")
+    if len(spk_sigma) != 2 or not 0 <= spk_sigma[0] <= spk_sigma[1] <= 1:
+        raise ValueError(f"spk_sigma must be (low, high) with 0 <= low <= high <= 1, got {tuple(spk_sigma)}")
     n = len(prompts)
     seeds = _as_list(seeds, n, "seeds")
     refs = _as_list(ref_wavs, n, "ref_wavs")
@@ -275,7 +287,7 @@ def sample(model, codec, text_encoder, connector, prompts, *, seeds, ref_wavs=No
         x0 = denoise(model, noise, context, neg_context, sigmas=sigmas, ref_latent=ref, deltas=deltas,
                      cfg=cfg, stg=stg, stg_blocks=stg_blocks, spk_cfg=spk_cfg, rescale=rescale,
                      dtype=dtype, eta=eta, fresh_noise=draw, progress=bar, text_progress=text_prog,
-                     neg_text_progress=neg_prog)
+                     neg_text_progress=neg_prog, spk_sigma=tuple(spk_sigma))
         wav = codec.decode(x0).float().cpu()  # (B, C, N)
         check_generated(x0, wav)
         for j, i in enumerate(idx):

@@ -70,7 +70,10 @@ def test_shipped_configs_parse():
                                       ("--global_batch=6", "micro_batch"), ("--clone_probs=[0,0]", "clone_probs"),
                                       ("--stage=lora2", "stage"), ("--aux_losses=[spkr]", "aux_losses"),
                                       ("--sample_sigma_last=0", "sample_sigma_last"),
-                                      ("--sample_sigma_last=1", "sample_sigma_last")])
+                                      ("--sample_sigma_last=1", "sample_sigma_last"),
+                                      ("--sample_spk_sigma=[0.5,0.4]", "sample_spk_sigma"),
+                                      ("--sample_spk_sigma=[0.5]", "sample_spk_sigma"),
+                                      ("--sample_split=test", "sample_split")])
 def test_values_out_of_domain_name_key_and_source(arg, key):
     with pytest.raises(ValueError, match=rf"config key '{key}' \(from the command line\)"):
         load_config(["--global_batch=8", "--micro_batch=4", arg])

@@ -27,7 +27,7 @@ GENERATED = []  # items per sample() call of the run's sample step, in VARIANTS 
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     argv = [MICRO, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}",
-            "--name=smoke", "--sample_shift_tokens=40", "--sample_sigma_last=0.05"]
+            "--name=smoke", "--sample_shift_tokens=40", "--sample_sigma_last=0.05", "--sample_spk_sigma=[0.3,1.0]"]
     real_sample = sample_lib.sample
 
     def counting_sample(*args, **kwargs):
@@ -139,6 +139,7 @@ def test_samples_cover_every_prompt_and_speaker(run):
     assert guided["spk_cfg"] > 1.0 and plain["spk_cfg"] == 1.0
     assert plain["shift_tokens"] == guided["shift_tokens"] == 40  # the σ schedule of the config reached sample()
     assert plain["sigma_last"] == guided["sigma_last"] == 0.05
+    assert guided["spk_sigma"] == [0.3, 1.0] and plain["spk_sigma"] == [0.0, 1.0]  # the guidance interval: guided only
 
 
 def test_judge_json_and_report(run):

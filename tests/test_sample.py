@@ -198,6 +198,31 @@ def test_one_forward_per_step_equals_separate_reference_passes():
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
 
 
+def test_guidance_interval_guides_only_its_steps():
+    """spk_sigma (low, high): the steps whose σ lies in it take speaker guidance (a forward of 2B:
+    cond + no speaker), the others run the conditioned pass alone (B); the result equals running the
+    schedule's two parts one after the other, the first guided and the second not (Euler, eta 0)."""
+    model = _tiny_dit(2)
+    B, T, L = 2, 10, 4
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(B, T, F_LAT, generator=g)
+    ctx = torch.randn(B, L, model.cfg.cross_attention_dim, generator=g)
+    deltas = 0.3 * torch.randn(B, model.cfg.num_layers, model.cfg.ada_rows * model.cfg.dim, generator=g)
+    sigmas = sampler.ltx2_sigmas(6, 40, stretch_to=0.02)  # 1, 0.89, 0.75, 0.58, 0.35, 0.02, 0
+    k = int((sigmas >= 0.45).sum())  # steps 0..k-1 start at σ >= 0.45
+    assert 0 < k < len(sigmas) - 1
+    kw = dict(deltas=deltas, spk_cfg=3.0)
+    counting = CountingModel(model)
+    got = sampler.denoise(counting, noise, ctx, ctx, sigmas=sigmas, spk_sigma=(0.45, 1.0), **kw)
+    assert counting.calls == [2 * B] * k + [B] * (len(sigmas) - 1 - k)
+    first = sampler.denoise(model, noise, ctx, ctx, sigmas=sigmas[:k + 1], **kw)
+    want = sampler.denoise(model, first, ctx, ctx, sigmas=sigmas[k:], deltas=deltas, spk_cfg=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    guided_all = sampler.denoise(model, noise, ctx, ctx, sigmas=sigmas, **kw)
+    assert not torch.allclose(got, guided_all, atol=1e-3)  # the interval changed the result
+    assert torch.equal(sampler.denoise(model, noise, ctx, ctx, sigmas=sigmas, spk_sigma=(0.0, 1.0), **kw), guided_all)
+
+
 # -----------------------------------------------------------------------------------------------
 # sample(): determinism per seed, shapes, errors
 
@@ -294,6 +319,13 @@ def test_sigma_last_and_shift_set_the_schedule(monkeypatch):
     for bad in (0.0, 1.0):
         with pytest.raises(ValueError, match="sigma_last"):
             _sample(model, ["x"], [3], sigma_last=bad)
+    for bad in ((0.5, 0.4), (-0.1, 1.0), (0.5,)):
+        with pytest.raises(ValueError, match="spk_sigma must be"):
+            _sample(model, ["x"], [3], spk_sigma=bad)
+    assert sample.parse_spk_sigma("0.45,1") == (0.45, 1.0)
+    for bad, problem in (("0.45", "expected LOW,HIGH"), ("a,b", "expected LOW,HIGH"), ("0.6,0.5", "needs 0 <= LOW")):
+        with pytest.raises(ValueError, match=f"--spk_sigma '{bad}': {problem}"):
+            sample.parse_spk_sigma(bad)
 
 
 class ConstantV(torch.nn.Module):
