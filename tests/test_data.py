@@ -360,6 +360,26 @@ def test_collate_padding(drama_cache):
     assert b["ids"] == ["a0.wav", "a1.wav", "b0.wav", "c0.wav"] and b["modes"][3] == "uncond"
 
 
+def test_small_cache_is_held_in_memory_with_the_same_batches(drama_cache, monkeypatch):
+    """A cache under data.HOLD_CACHE_BYTES is read from disk once per item; its batches are the
+    same, bit for bit, as those of a cache read from disk at every use (a budget of 0)."""
+    cfg = drama_cache
+    held = data.CachedDataset(train_cache(cfg), cfg)
+    reads = []
+    real_load = files.load_safetensors
+    monkeypatch.setattr(files, "load_safetensors", lambda path, *a, **k: reads.append(path) or real_load(path, *a, **k))
+    batches = [data.collate(held, [0, 1, 2, 3], cfg, step=s) for s in range(3)]
+    assert held.held is not None and len(reads) == len(held) == 4  # every item once, partners included
+    monkeypatch.setattr(data, "HOLD_CACHE_BYTES", 0)
+    on_disk = data.CachedDataset(train_cache(cfg), cfg)
+    reads.clear()
+    again = [data.collate(on_disk, [0, 1, 2, 3], cfg, step=s) for s in range(3)]
+    assert on_disk.held is None and len(reads) > 3 * 4  # each item (and partner) read at each use
+    for a, b in zip(batches, again):
+        for key, value in a.items():
+            assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
