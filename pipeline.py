@@ -67,8 +67,8 @@ def paths(cfg):
            "judge_unseen": corpus / "judge_unseen.jsonl", "merged": run / "merged.safetensors"}
     # what the sample and eval steps write; a development split's apart, so it never overwrites the held-out numbers
     scored = run / "development" if cfg.sample_split == "development" else run
-    out.update({"samples": scored / "samples", "judge": scored / "judge.safetensors", "judge_json": scored / "judge.json",
-                "report": scored / "report.html", "scores": scored / "scores.json",
+    out.update({"samples": scored / "samples", "judge": scored / "judge.safetensors",
+                "judge_json": scored / "judge.json", "report": scored / "report.html", "scores": scored / "scores.json",
                 "summary": scored / "summary.json", "data_config": scored / "data_config.json"})
     for stage, file in STAGE_OUTPUT.items():
         out[f"{stage}_dir"] = Path(cfg.out_dir) / f"{cfg.name}_{stage}"
@@ -215,13 +215,14 @@ def reference_clips(manifest, which=0):
     short = sorted(s for s, c in per_speaker.items() if len(c) <= which)
     if short:
         raise ValueError(f"{manifest}: speakers {short} have no clip number {which + 1} to be a reference")
-    return [r["text"] for r in rows], [sf.info(c).duration for c in clips], {s: c[which] for s, c in per_speaker.items()}
+    refs = {s: c[which] for s, c in per_speaker.items()}
+    return [r["text"] for r in rows], [sf.info(c).duration for c in clips], refs
 
 
 def sample_plan(cfg, p):
-    """(prompts, durations in s, {seen speaker: reference clip}, {held-out speaker: clip}) the sample step speaks: held out, the first
-    `sample_prompts` val prompts and each voice's first val clip; development, the next as many prompts
-    and each voice's second clip (seen and held-out voices alike)."""
+    """(prompts, durations in s, {seen speaker: reference clip}, {held-out speaker: clip}) the sample
+    step speaks: held out, the first `sample_prompts` val prompts and each voice's first val clip;
+    development, the next as many prompts and each voice's second clip (seen and held-out voices alike)."""
     development = cfg.sample_split == "development"
     prompts, durations, refs = reference_clips(p["val"], which=int(development))
     n = cfg.sample_prompts or len(prompts)
