@@ -293,13 +293,11 @@ def sample_kwargs(args, device):
 
 
 def parse_spk_sigma(text):
-    """--spk_sigma "LOW,HIGH" -> (low, high), a clear error for anything else."""
+    """--spk_sigma "LOW,HIGH" -> (low, high); `sampler.sample` checks the range."""
     try:
         low, high = (float(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"--spk_sigma {text!r}: expected LOW,HIGH (two numbers, e.g. 0.45,1)") from None
-    if not 0 <= low <= high <= 1:
-        raise ValueError(f"--spk_sigma {text!r}: needs 0 <= LOW <= HIGH <= 1")
     return low, high
 
 

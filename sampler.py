@@ -109,6 +109,33 @@ def _guidance_passes(cfg, stg, spk_cfg, has_speaker):
     return passes
 
 
+def _pass_inputs(passes, T, context, neg_context, ref_latent, deltas, text_progress, neg_text_progress, dtype,
+                 device):
+    """The model inputs that stay the same over the steps, one block of B rows per pass, pass-major
+    (P*B, ...): context, positions, attention mask, STG rows, AdaLN deltas, progress tables, and the
+    clean reference tokens (`ref`; None without a reference)."""
+    B, P, Tr = context.shape[0], len(passes), 0 if ref_latent is None else ref_latent.shape[1]
+    rep = lambda t: torch.cat([t] * P) if t is not None else None  # noqa: E731
+    positions = audio_positions(T, B).to(device)  # (B, T) seconds
+    attn_mask = None
+    if Tr:
+        positions = torch.cat([positions, audio_positions(Tr, B, offset_s=0.5).to(device)], dim=1)
+        masks = [reference_mask(T, Tr, see_ref=p != "nospk") for p in passes]
+        attn_mask = torch.stack(masks).repeat_interleave(B, 0).to(device)  # (P*B, n, n)
+    out = {"context": torch.cat([neg_context if p == "uncond" else context for p in passes]).to(dtype),
+           "positions": rep(positions), "attn_mask": attn_mask, "ref": rep(ref_latent.float()) if Tr else None,
+           "stg_samples": torch.tensor([p == "stg" for p in passes], device=device).repeat_interleave(B)
+           if "stg" in passes else None,
+           "block_deltas": None if deltas is None else
+           torch.cat([torch.zeros_like(deltas) if p == "nospk" else deltas for p in passes]),
+           "text_progress": None, "audio_progress": None}
+    if text_progress is not None:
+        out["text_progress"] = torch.cat([neg_text_progress if p == "uncond" else text_progress
+                                          for p in passes]).to(device)
+        out["audio_progress"] = rep(audio_progress([T] * B, T + Tr)).to(device)
+    return out
+
+
 @torch.no_grad()
 def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, deltas=None,
             cfg=1.0, stg=0.0, stg_blocks=(), spk_cfg=1.0, rescale=0.0, dtype=torch.float32,
@@ -140,48 +167,26 @@ def denoise(model, noise, context, neg_context, *, sigmas, ref_latent=None, delt
     if eta and fresh_noise is None:
         raise ValueError("eta > 0 needs fresh_noise (a function returning (B, T, F) noise)")
     B, T, _ = noise.shape
-    device = noise.device
     Tr = 0 if ref_latent is None else ref_latent.shape[1]
     passes = _guidance_passes(cfg, stg, spk_cfg, ref_latent is not None or deltas is not None)
-    P = len(passes)
-    rep = lambda t: torch.cat([t] * P) if t is not None else None  # noqa: E731
-
-    # Per-pass inputs that do not change over the steps, stacked pass-major: (P*B, ...).
-    ctx = torch.cat([neg_context if p == "uncond" else context for p in passes]).to(dtype)
-    stg_mask = torch.tensor([p == "stg" for p in passes], device=device).repeat_interleave(B)
-    block_deltas = None
-    if deltas is not None:
-        block_deltas = torch.cat([torch.zeros_like(deltas) if p == "nospk" else deltas for p in passes])
-    positions = audio_positions(T, B).to(device)  # (B, T) seconds
-    attn_mask = None
-    if Tr:
-        positions = torch.cat([positions, audio_positions(Tr, B, offset_s=0.5).to(device)], dim=1)
-        masks = [reference_mask(T, Tr, see_ref=p != "nospk") for p in passes]
-        attn_mask = torch.stack(masks).repeat_interleave(B, 0).to(device)  # (P*B, n, n)
-    positions = rep(positions)
-    ref = rep(ref_latent.float()) if Tr else None
-    text_prog = audio_prog = None
-    if text_progress is not None:
-        text_prog = torch.cat([neg_text_progress if p == "uncond" else text_progress for p in passes]).to(device)
-        audio_prog = rep(audio_progress([T] * B, T + Tr)).to(device)
+    inputs = _pass_inputs(passes, T, context, neg_context, ref_latent, deltas, text_progress, neg_text_progress,
+                          dtype, noise.device)
+    ref = inputs.pop("ref")
 
     x = noise.float()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         # outside the guidance interval the no-speaker pass (always the last) is left out of the batch
-        n = P - ("nospk" in passes and not spk_sigma[0] <= sigma <= spk_sigma[1])
-        cut = lambda t: None if t is None else t[:n * B]  # noqa: E731
-        x_in = rep(x)[:n * B]
-        sig = torch.full((n * B,), sigma, device=device)
+        n = len(passes) - ("nospk" in passes and not spk_sigma[0] <= sigma <= spk_sigma[1])
+        x_in = torch.cat([x] * n)
+        sig = torch.full((n * B,), sigma, device=x.device)
         timesteps = None
         if Tr:  # per-token σ: the reference tokens are clean
-            x_in = torch.cat([x_in, cut(ref)], dim=1)
-            timesteps = torch.cat([sig[:, None].expand(-1, T), torch.zeros(n * B, Tr, device=device)], dim=1)
+            x_in = torch.cat([x_in, ref[:n * B]], dim=1)
+            timesteps = torch.cat([sig[:, None].expand(-1, T), torch.zeros(n * B, Tr, device=x.device)], dim=1)
         # σ stays fp32: the timestep embedding is computed in fp32 (as the reference) whatever the dtype
-        v = model(x_in.to(dtype), sig, cut(ctx), timesteps=timesteps, positions=cut(positions),
-                  attn_mask=cut(attn_mask), stg_blocks=tuple(stg_blocks) if "stg" in passes else (),
-                  stg_samples=cut(stg_mask) if "stg" in passes else None, block_deltas=cut(block_deltas),
-                  text_progress=cut(text_prog), audio_progress=cut(audio_prog))
+        v = model(x_in.to(dtype), sig, timesteps=timesteps, stg_blocks=tuple(stg_blocks) if "stg" in passes else (),
+                  **{k: None if t is None else t[:n * B] for k, t in inputs.items()})
         x0 = (x_in[:, :T] - sigma * v[:, :T].float()).view(n, B, T, -1)  # x0 = x_t - σ v, fp32
         parts = dict(zip(passes[:n], x0.unbind(0)))
         pred = guided_x0(parts["cond"], parts.get("uncond"), parts.get("stg"), parts.get("nospk"),

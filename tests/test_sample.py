@@ -323,8 +323,8 @@ def test_sigma_last_and_shift_set_the_schedule(monkeypatch):
         with pytest.raises(ValueError, match="spk_sigma must be"):
             _sample(model, ["x"], [3], spk_sigma=bad)
     assert sample.parse_spk_sigma("0.45,1") == (0.45, 1.0)
-    for bad, problem in (("0.45", "expected LOW,HIGH"), ("a,b", "expected LOW,HIGH"), ("0.6,0.5", "needs 0 <= LOW")):
-        with pytest.raises(ValueError, match=f"--spk_sigma '{bad}': {problem}"):
+    for bad in ("0.45", "a,b", "0.1,0.2,0.3"):
+        with pytest.raises(ValueError, match=f"--spk_sigma '{bad}': expected LOW,HIGH"):
             sample.parse_spk_sigma(bad)
 
 
