@@ -705,7 +705,7 @@ class MelCodec(nn.Module):
     Decoded with the pseudo-inverse of the mel filterbank (torchaudio InverseMelScale's
     least-squares solution) and Griffin-Lim.
 
-    With a `basis` ({"mean": (4 n_mels,), "components": (D, 4 n_mels) orthonormal rows, "scale": (1,)},
+    With a `basis` ({"mean": (4 n_mels,), "components": (D, 4 n_mels) orthonormal rows, "scale": (1,) or (D,)},
     or the path of a file `save_mel_basis` wrote) each token of 4 n_mels features is centred,
     projected onto the D components and divided by `scale`: latent_dim = D. Decoding maps back
     (the part of the token outside the components is lost, ~0.6 % of the variance for 64 mels -> 128).
@@ -794,12 +794,21 @@ class MelCodec(nn.Module):
 MEL_BASIS_FORMAT = "speakerbox.mel_basis.v1"
 
 
-def fit_mel_basis(codec, wavs, dim):
+def fit_mel_basis(codec, wavs, dim, whiten=0.0):
     """The `dim` leading principal components of the tokens of `wavs` [(N,) or (C, N) at the codec's
     rate] under `codec` (a MelCodec without a basis): {"mean", "components", "scale"}. Each
-    component's sign makes its largest loading positive (a deterministic fit); `scale` makes the
-    projected tokens' overall standard deviation 1. A clip's last token, padded with silence, is
-    left out."""
+    component's sign makes its largest loading positive (a deterministic fit). A clip's last token,
+    padded with silence, is left out.
+
+    `scale` makes the projected tokens' overall standard deviation 1. whiten 0: one number (each
+    component keeps its own spread: the leading ones, the spectral envelope, hold most of the
+    variance and the trailing ones, the fine detail, little). whiten w > 0: one number per component,
+    proportional to its standard deviation ** w, so that component k's spread becomes std_k ** (1 - w)
+    (1: every component at spread 1). Flow matching lays a component down at the noise level that
+    buries it, so the detail a low component holds (a low voice's harmonics) is otherwise drawn only
+    at the last steps."""
+    if not 0.0 <= whiten <= 1.0:
+        raise ValueError(f"whiten must be in [0, 1], got {whiten}")
     if codec.basis is not None:
         raise ValueError("fit_mel_basis needs the codec without a basis")
     if not 0 < dim <= codec.frame_dim:
@@ -813,7 +822,9 @@ def fit_mel_basis(codec, wavs, dim):
     _, _, vh = torch.linalg.svd(tokens - mean, full_matrices=False)
     comps = vh[:dim]
     comps = comps * torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-    scale = ((tokens - mean) @ comps.T).std().reshape(1)
+    projected = (tokens - mean) @ comps.T
+    scale = projected.std(0) ** whiten if whiten else torch.ones(1, dtype=projected.dtype)
+    scale = scale * (projected / scale).std()
     return {"mean": mean.float(), "components": comps.float().contiguous(), "scale": scale.float()}
 
 
@@ -828,11 +839,12 @@ def check_mel_basis(basis, frame_dim, where):
     if set(basis) != need:
         raise ValueError(f"{where}: a mel basis holds {sorted(need)}, got {sorted(basis)}")
     mean, comps, scale = (basis[k].float() for k in ("mean", "components", "scale"))
-    if comps.ndim != 2 or comps.shape[1] != frame_dim or mean.shape != (frame_dim,) or scale.shape != (1,):
+    if comps.ndim != 2 or comps.shape[1] != frame_dim or mean.shape != (frame_dim,) \
+            or scale.shape not in ((1,), (len(comps),)):
         raise ValueError(f"{where}: basis shapes mean {tuple(mean.shape)}, components {tuple(comps.shape)}, scale "
                          f"{tuple(scale.shape)} do not fit tokens of {frame_dim} features")
-    if not scale.item() > 0:
-        raise ValueError(f"{where}: basis scale must be > 0, got {scale.item()}")
+    if not bool((scale > 0).all()):
+        raise ValueError(f"{where}: basis scale must be > 0, got {scale.min().item()}")
     return {"mean": mean, "components": comps, "scale": scale}
 
 

@@ -43,6 +43,8 @@ class Config:
     mel_basis_dim: int = 0  # > 0: each token's 4 x mel_n_mels features projected onto this many principal
     # components of the train split's tokens (codec.fit_mel_basis; the pipeline's prepare step fits them,
     # `python data.py fit_codec` by hand); 0: the features as they are
+    mel_basis_whiten: float = 0.0  # the basis's per-component scale: each component's spread becomes
+    # std ** (1 - whiten); 0: one scale for all (codec.fit_mel_basis)
     mel_basis: str = ""  # the fitted basis file (safetensors) every step encodes and decodes with
     griffin_lim_iters: int = 32  # decode quality vs CPU time
 
@@ -323,7 +325,7 @@ CHOICES = {
 BOUNDS = {
     "global_batch": (1, None), "micro_batch": (1, None), "max_steps": (0, None), "log_every": (1, None),
     "val_every": (1, None), "ckpt_every": (1, None), "max_text_len": (1, None), "mel_n_mels": (1, None),
-    "mel_basis_dim": (0, None),
+    "mel_basis_dim": (0, None), "mel_basis_whiten": (0, 1),
     "mel_n_fft": (2, None), "griffin_lim_iters": (0, None), "lora_rank": (1, None), "adaln_hidden": (1, None),
     "aux_clips": (0, None), "sv_steps": (0, None), "sv_batch": (2, None), "sv_dim": (1, None),
     "sv_lr": (0, None), "sv_crop_seconds": (0.1, None), "sv_margin": (0, 1), "sv_scale": (0, None),

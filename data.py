@@ -889,7 +889,7 @@ def fit_codec(cfg):
             if not cfg.skip_bad:
                 raise
             skipped[e.reason] += 1
-    basis = fit_mel_basis(codec, wavs, cfg.mel_basis_dim)
+    basis = fit_mel_basis(codec, wavs, cfg.mel_basis_dim, whiten=cfg.mel_basis_whiten)
     Path(cfg.mel_basis).parent.mkdir(parents=True, exist_ok=True)
     save_mel_basis(cfg.mel_basis, basis, codec, source=files.file_digest(cfg.manifest))
     print(f"fit_codec: {cfg.mel_basis_dim} components of {codec.frame_dim} features per token from {len(wavs)} clips "

@@ -444,6 +444,41 @@ def test_mel_basis_is_the_principal_components_of_the_tokens():
     assert projected.double().basis["components"].dtype == torch.float64
 
 
+def test_whitened_mel_basis_sets_each_components_spread(tmp_path):
+    """whiten w: the same components, one scale per component, and component k's spread becomes
+    std_k ** (1 - w) (1: all equal), times one number that keeps the overall spread 1; the codec
+    decodes its latents to the same features as the unwhitened basis (the scale is undone exactly);
+    a whitened basis survives a file round trip; whiten outside [0, 1] is refused."""
+    plain = codec.MelCodec(n_mels=16, griffin_lim_iters=0)
+    clips = _speech_clips()
+    flat = codec.fit_mel_basis(plain, clips, 12)
+    with torch.no_grad():
+        tokens = torch.cat([plain.encode(c[None])[0, :-1] for c in clips])
+    spread = ((tokens - flat["mean"]) @ flat["components"].T).std(0)  # each component's own std
+    assert spread[0] > 5 * spread[-1]  # the leading components dominate (what whitening changes)
+    for w in (0.5, 1.0):
+        basis = codec.fit_mel_basis(plain, clips, 12, whiten=w)
+        assert torch.equal(basis["components"], flat["components"]) and basis["scale"].shape == (12,)
+        whitened = codec.MelCodec(n_mels=16, griffin_lim_iters=0, basis=basis)
+        with torch.no_grad():
+            z = torch.cat([whitened.encode(c[None])[0, :-1] for c in clips])
+            want = spread ** (1 - w)
+            assert torch.allclose(z.std(0), want / (want / z.std(0)).mean(), rtol=1e-4)  # proportional
+            assert float(z.std()) == pytest.approx(1.0, rel=1e-4)
+            x = clips[1][None]
+            same = codec.MelCodec(n_mels=16, griffin_lim_iters=0, basis=flat)
+            assert torch.allclose(whitened.decode(whitened.encode(x)), same.decode(same.encode(x)), atol=1e-5)
+    codec.save_mel_basis(tmp_path / "basis.safetensors", basis, plain)
+    loaded = codec.MelCodec(n_mels=16, griffin_lim_iters=0, basis=str(tmp_path / "basis.safetensors"))
+    assert torch.equal(loaded.basis["scale"], basis["scale"])
+    with pytest.raises(ValueError, match=r"whiten must be in \[0, 1\], got 1.5"):
+        codec.fit_mel_basis(plain, clips, 12, whiten=1.5)
+    with pytest.raises(ValueError, match="bad: basis scale must be > 0"):
+        codec.check_mel_basis({**flat, "scale": -torch.ones(12)}, 64, "bad")
+    with pytest.raises(ValueError, match="bad: basis shapes"):
+        codec.check_mel_basis({**flat, "scale": torch.ones(5)}, 64, "bad")
+
+
 def test_mel_basis_file_round_trip_and_refusals(tmp_path):
     """A saved basis loads back bit for bit (same fingerprint); a basis fitted under other codec
     settings, a file that is not a basis and a basis of the wrong size are refused naming the file;

@@ -624,6 +624,10 @@ def test_fit_codec_writes_the_basis_of_the_manifests_audio(tmp_path, capsys):
                                    [torch.from_numpy(sf.read(tmp_path / "audio" / f"{n}.wav", dtype="float32")[0])[None]
                                     for n in clips], 12)  # the clips as written (PCM 16)
     assert built.latent_dim == 12 and all(torch.equal(built.basis[k], want[k]) for k in want)
+    written = [torch.from_numpy(sf.read(tmp_path / "audio" / f"{n}.wav", dtype="float32")[0])[None] for n in clips]
+    data.main(["fit_codec", f"--manifest={good}", *flags, "--mel_basis_whiten=0.5"])  # the config key reaches the fit
+    whitened = codec_lib.fit_mel_basis(codec_lib.codec_from_config(cfg, fitting=True), written, 12, whiten=0.5)
+    assert torch.equal(codec_lib.codec_from_config(cfg).basis["scale"], whitened["scale"]) and len(whitened["scale"]) == 12
     bad = write_manifest(tmp_path / "bad.jsonl", [{"audio": "audio/v0.wav"}, rows["nan"]])
     with pytest.raises(data.BadInput, match="nan.wav: audio contains NaN"):
         data.main(["fit_codec", f"--manifest={bad}", *flags])
