@@ -620,11 +620,10 @@ def test_fit_codec_writes_the_basis_of_the_manifests_audio(tmp_path, capsys):
     assert "fit_codec: 12 components of 64 features per token from 3 clips" in capsys.readouterr().out
     cfg = load_config(flags)
     built = codec_lib.codec_from_config(cfg)
-    want = codec_lib.fit_mel_basis(codec_lib.codec_from_config(cfg, fitting=True),
-                                   [torch.from_numpy(sf.read(tmp_path / "audio" / f"{n}.wav", dtype="float32")[0])[None]
-                                    for n in clips], 12)  # the clips as written (PCM 16)
+    written = [torch.from_numpy(sf.read(tmp_path / "audio" / f"{n}.wav", dtype="float32")[0])[None]
+               for n in clips]  # the clips as written (PCM 16)
+    want = codec_lib.fit_mel_basis(codec_lib.codec_from_config(cfg, fitting=True), written, 12)
     assert built.latent_dim == 12 and all(torch.equal(built.basis[k], want[k]) for k in want)
-    written = [torch.from_numpy(sf.read(tmp_path / "audio" / f"{n}.wav", dtype="float32")[0])[None] for n in clips]
     data.main(["fit_codec", f"--manifest={good}", *flags, "--mel_basis_whiten=0.5"])  # the config key reaches the fit
     whitened = codec_lib.fit_mel_basis(codec_lib.codec_from_config(cfg, fitting=True), written, 12, whiten=0.5)
     assert torch.equal(codec_lib.codec_from_config(cfg).basis["scale"], whitened["scale"]) and len(whitened["scale"]) == 12
