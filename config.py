@@ -168,6 +168,7 @@ class Config:
     sample_batch: int = 32
     eval_metrics: str = "judge,dnsmos"  # eval.py --metrics groups of the report
     eval_dnsmos_clips: int = 16  # DNSMOS scores this many samples per variant, spread evenly (0 = all)
+    asr_steps: int = 400  # training steps of the pipeline's evaluation-only recogniser (asr.py, the `asr` step)
     cpu_threads: int = 0  # torch threads of every step (OMP_NUM_THREADS); 0 = torch's default
     train_processes: int = 1  # per training stage; > 1 launches it with torchrun (run.sh --gpus N sets it)
     debug: bool = False  # expected errors print the traceback too (see run_cli), not just one line
@@ -329,7 +330,7 @@ BOUNDS = {
     "mel_n_fft": (2, None), "griffin_lim_iters": (0, None), "lora_rank": (1, None), "adaln_hidden": (1, None),
     "aux_clips": (0, None), "sv_steps": (0, None), "sv_batch": (2, None), "sv_dim": (1, None),
     "sv_lr": (0, None), "sv_crop_seconds": (0.1, None), "sv_margin": (0, 1), "sv_scale": (0, None),
-    "sample_steps": (1, None), "sample_batch": (1, None), "sample_temperature": (0, None), "sample_eta": (0, 1),
+    "sample_steps": (1, None), "sample_batch": (1, None), "asr_steps": (1, None), "sample_temperature": (0, None), "sample_eta": (0, 1),
     "sample_shift_tokens": (0, None), "sample_sigma_last": (0, 1),
     "corpus_speakers": (1, None), "corpus_utts": (1, None), "max_silence_frames": (0, None), "cpu_threads": (0, None),
     "lr": (0, None), "weight_decay": (0, None), "grad_clip": (0, None), "mel_std": (0, None),

@@ -20,6 +20,10 @@ parent's, for a directory called `samples`). Metrics, each from local weights on
   ge2e_acc / ge2e_margin: identification against per-speaker centroids of the real clips of
   `--ge2e_split MANIFEST` (a corpus manifest: audio + speaker), for samples whose sidecar names
   one of its speakers (margin: cosine to the own centroid minus the mean to the others);
+- cer / cer_chance: character error rate of the transcript of the evaluation-only recogniser (asr.py,
+  `--asr`: trained on real corpus clips by the pipeline's `asr` step) against the sample's spoken text,
+  and the mean against the spoken text of every other prompt of the set: speech that ignores its words
+  scores cer ~ cer_chance, real clips of the corpus score cer < 0.1;
 - voiced / voiced_vs_ref / pitch_st: pitch (`pitch_track`, an autocorrelation pitch tracker, no
   weights): the share of a sample's speech frames that have a pitch, that share minus its
   reference's (below 0: the sample lost the voice's pitch, as a codec too coarse to resolve a low
@@ -82,6 +86,8 @@ METRIC_INFO = {  # name: (description, higher is better)
     "ge2e_sim": ("GE2E (resemblyzer) cosine to the reference", True),
     "ge2e_acc": ("GE2E identification against the speaker centroids (1 = recognised)", True),
     "ge2e_margin": ("GE2E cosine to the own speaker's centroid minus the mean to the others", True),
+    "cer": ("character error rate of the corpus recogniser (asr.py) vs the spoken text", False),
+    "cer_chance": ("the same against the other prompts' spoken text (what words ignored score)", False),
     "voiced": ("share of speech frames with a pitch", True),
     "voiced_vs_ref": ("share of voiced speech frames minus the reference's", True),
     "pitch_st": ("semitones between the median pitch of the sample and of its reference", False),
@@ -338,6 +344,26 @@ def metric_wer(samples, wavs, path, device):
     return {"wer": out}
 
 
+def metric_cer(samples, wavs, path):
+    """asr.py's transcript of every sample with a prompt: its character error rate against the prompt's
+    spoken text (cer) and the mean against the spoken text of each other prompt of the set (cer_chance)."""
+    import asr
+    from duration import spoken_text
+
+    model = asr.load_recogniser(path)
+    spoken = {s["id"]: spoken_text(s["meta"]["prompt"]) for s in samples if s["meta"].get("prompt")}
+    ids = sorted(spoken)
+    texts = sorted(set(spoken.values()))
+    out = {"cer": {}, "cer_chance": {}}
+    with torch.no_grad():
+        for i, hyp in zip(ids, asr.transcribe(model, [wavs[i] for i in ids])):
+            out["cer"][i] = asr.char_error_rate(spoken[i], hyp)
+            others = [t for t in texts if t != spoken[i]]
+            if others:
+                out["cer_chance"][i] = sum(asr.char_error_rate(t, hyp) for t in others) / len(others)
+    return out
+
+
 def metric_utmos(samples, wavs, path, device):
     """UTMOS from a TorchScript file: wav (1, N) at 16 kHz -> score."""
     model = torch.jit.load(path, map_location=device).eval()
@@ -410,7 +436,7 @@ def _ge2e_reason():
     return None
 
 
-METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge", "ge2e", "pitch")
+METRIC_GROUPS = ("spk_sim", "dnsmos", "wer", "utmos", "aesthetics", "judge", "ge2e", "pitch", "cer")
 
 
 def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
@@ -437,6 +463,7 @@ def score_samples(samples, args, device="cpu", groups=METRIC_GROUPS):
         ("ge2e", ["ge2e_sim", "ge2e_acc", "ge2e_margin"], _ge2e_reason(),
          lambda: metric_ge2e(samples, wavs, args.ge2e_split)),
         ("pitch", ["voiced", "voiced_vs_ref", "pitch_st"], None, lambda: metric_pitch(samples, wavs)),
+        ("cer", ["cer", "cer_chance"], _weights_reason(args.asr, "--asr"), lambda: metric_cer(samples, wavs, args.asr)),
     ]
     why_empty = {"ge2e_acc": "no speaker split given (--ge2e_split MANIFEST)"} if not args.ge2e_split else {}
     why_empty["ge2e_margin"] = why_empty.get("ge2e_acc")
@@ -564,6 +591,7 @@ def parse_args(argv=None):
     p.add_argument("--utmos", default="", help="UTMOS TorchScript file")
     p.add_argument("--aesthetics", default="", help="audiobox-aesthetics checkpoint")
     p.add_argument("--judge", default="", help="speaker judge (judge.py) checkpoint")
+    p.add_argument("--asr", default="", help="recogniser (asr.py) file for cer / cer_chance")
     p.add_argument("--metrics", default=",".join(METRIC_GROUPS), help="comma list of metric groups to run")
     p.add_argument("--ge2e_split", default="", help="corpus manifest whose speakers' centroids the GE2E "
                    "identification uses (ge2e_acc, ge2e_margin)")

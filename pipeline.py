@@ -1,5 +1,5 @@
 """The whole recipe, end to end, from one config: corpus -> sv -> prepare -> base -> lora -> merge
--> adaln -> sample -> eval.
+-> adaln -> sample -> asr -> eval.
 
     ./run.sh configs/tiny.yaml                    # = python pipeline.py configs/tiny.yaml
     python pipeline.py configs/micro.yaml --name=smoke --out_dir=/tmp/runs
@@ -27,6 +27,9 @@ corpus's `val` split: seen by neither the generator's training nor the judge) in
     adaln         stage 2, speaker from the reference through SpeakerAdaLNZero
     adaln_guided  the same with speaker guidance (spk_cfg = sample_spk_cfg)
 
+`asr` trains the evaluation-only recogniser (asr.py) on the train split's real clips, runs/<name>/asr.safetensors;
+with `cer` in eval_metrics, eval.py scores each sample's words with it.
+
 `eval` trains the speaker judge (judge.py) on the corpus's `judge` split, writes its accuracy
 (chance = 1/speakers) and similarity margin per variant to runs/<name>/judge.json, and runs
 eval.py for the HTML report runs/<name>/report.html. Everything else the run wrote is listed in
@@ -45,7 +48,7 @@ from pathlib import Path
 
 from config import config_dict, load_config
 
-STEPS = ("corpus", "sv", "prepare", "base", "lora", "merge", "adaln", "sample", "eval")
+STEPS = ("corpus", "sv", "prepare", "base", "lora", "merge", "adaln", "sample", "asr", "eval")
 STAGE_OUTPUT = {"base": "dit.safetensors", "lora": "lora.safetensors", "adaln": "adaln.safetensors"}
 VARIANTS = ("baseline", "adaln", "adaln_guided")
 HERE = Path(__file__).resolve().parent
@@ -74,6 +77,7 @@ def paths(cfg):
         out[f"{stage}_dir"] = Path(cfg.out_dir) / f"{cfg.name}_{stage}"
         out[stage] = out[f"{stage}_dir"] / file
     out["sv"] = (Path(cfg.out_dir) / f"{cfg.name}_sv" / "sv.safetensors").resolve()
+    out["asr"] = run / "asr.safetensors"  # the evaluation-only recogniser (asr.py), for both splits
     out["codec_basis"] = (Path(cfg.out_dir) / f"{cfg.name}_codec" / "basis.safetensors").resolve()
     return out
 
@@ -289,6 +293,13 @@ def step_sample(cfg, p, yamls, overrides):
               + ("{,_unseen}" if unseen else ""), flush=True)
 
 
+def step_asr(cfg, p, yamls, overrides):
+    """asr.py: the evaluation-only recogniser, trained on the train split's real clips and tested on the
+    judge split's (other sentences of the same voices): its error rate there is what real speech scores."""
+    run_command(["asr.py", "--manifest", p["train"], "--test", p["judge_split"], "--out", p["asr"],
+                 "--seed", cfg.seed, "--steps", cfg.asr_steps], p["run"] / "logs" / "asr.log")
+
+
 def step_eval(cfg, p, yamls, overrides):
     """Both speaker judges on every variant, seen and held-out voices apart, into judge.json; the
     HTML report. The headline is the independent GE2E encoder (voice_encoder.py): a network the
@@ -319,13 +330,14 @@ def step_eval(cfg, p, yamls, overrides):
     print(f"    judges scored {sum(len(s[0]) for s in samples.values())} samples in {time.time() - t0:.1f} s",
           flush=True)
     dirs = [str(p["samples"] / v) for v in VARIANTS if v in samples]
+    asr = ["--asr", p["asr"]] if "cer" in cfg.eval_metrics.split(",") else []  # main() checked it is there
     curves = [f"{stage}={p[f'{stage}_dir'] / 'metrics.jsonl'}" for stage in STAGE_OUTPUT
               if (p[f"{stage}_dir"] / "metrics.jsonl").is_file()]
     # DNSMOS on a spread subset, first 9 s window only: every window of every sample would take minutes
     run_command(["eval.py", "--samples", *dirs, "--baseline", "baseline", "--judge", p["judge"],
                  "--metrics", cfg.eval_metrics, "--ge2e_split", p["judge_split"], "--dnsmos_windows", 1,
                  "--dnsmos_per_variant", cfg.eval_dnsmos_clips, "--player_rate", REPORT_PLAYER_RATE,
-                 "--out", p["report"], "--scores", p["scores"], "--title", f"speakerbox pipeline: {cfg.name}",
+                 *asr, "--out", p["report"], "--scores", p["scores"], "--title", f"speakerbox pipeline: {cfg.name}",
                  *(["--metrics_jsonl", *curves] if curves else [])],
                 p["judge_json"].parent / "logs" / "eval.log")
 
@@ -375,7 +387,7 @@ def read_wav(path):
 
 STEP_FUNCTIONS = {"corpus": step_corpus, "sv": step_sv, "prepare": step_prepare, "base": train_stage("base", None),
                   "lora": train_stage("lora", "base"), "merge": step_merge, "adaln": train_stage("adaln", "merged"),
-                  "sample": step_sample, "eval": step_eval}
+                  "sample": step_sample, "asr": step_asr, "eval": step_eval}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -392,6 +404,24 @@ def last_validation(metrics_path):
     return {k: v for k, v in records[-1].items() if k.startswith("val_") or k == "step"} if records else None
 
 
+def word_scores(p):
+    """{variant: {cer, cer_chance}} means of eval.py's per-sample scores, plus "real_test": the recogniser's
+    character error rate on real judge clips (from its file); None without cer scores."""
+    import files
+
+    scores = json.loads(p["scores"].read_text())["scores"] if p["scores"].is_file() else {}
+    if not scores.get("cer"):
+        return None
+    out = {}
+    for metric in ("cer", "cer_chance"):
+        for sid, value in scores.get(metric, {}).items():
+            out.setdefault(sid.split("/")[0], {}).setdefault(metric, []).append(value)
+    out = {v: {m: round(sum(x) / len(x), 4) for m, x in d.items()} for v, d in out.items()}
+    if p["asr"].is_file():
+        out["real_test"] = (files.read_json_metadata(p["asr"], "summary") or {}).get("test_cer")
+    return out
+
+
 def summarize(cfg, p, times):
     """The summary dict (also written to summary.json) and its printable table."""
     judge = json.loads(p["judge_json"].read_text()) if p["judge_json"].is_file() else None
@@ -401,7 +431,7 @@ def summarize(cfg, p, times):
                "total_s": round(sum(times.values()), 1), "load": os.getloadavg(),
                "artefacts": {k: str(p[k]) for k in ("corpus", "base", "lora", "merged", "adaln", "samples",
                                                      "judge", "judge_json", "report") if p[k].exists()},
-               "validation": validation, "judge": judge}
+               "validation": validation, "judge": judge, "words": word_scores(p)}
     lines = ["", f"pipeline {cfg.name}: done in {summary['total_s']:.0f} s "
              f"(load average {summary['load'][0]:.1f} on {os.cpu_count()} cores)",
              f"  {'step':<8} {'wall s':>8}"]
@@ -422,6 +452,13 @@ def summarize(cfg, p, times):
             cells = [cell(seen, seen and seen["chance"]), cell(unseen, unseen and unseen["chance"]),
                      cell(judge.get(v), judge["chance"])]
             lines.append(f"  {v:<13} " + " ".join(f"{c:>22}" for c in cells))
+    words = summary["words"]
+    if words:
+        real = words.get("real_test")
+        lines.append("  words: character error rate of the asr.py transcript vs the prompt (chance: vs the other"
+                     " prompts)" + (f"; real judge clips {real:.3f}" if real is not None else ""))
+        lines += [f"  {v:<13} {words[v]['cer']:.3f} (chance {words[v].get('cer_chance', float('nan')):.3f})"
+                  for v in VARIANTS if v in words]
     if p["report"].is_file():
         lines.append(f"  report: {p['report']}")
     lines.append(f"  summary: {p['summary']}")
@@ -434,6 +471,10 @@ def main(argv=None):
     cfg = load_config(argv)
     check_config(cfg, yamls)
     p = paths(cfg)
+    if ("eval" in cfg.pipeline and "cer" in cfg.eval_metrics.split(",") and "asr" not in cfg.pipeline
+            and not p["asr"].is_file()):
+        raise FileNotFoundError(f"eval_metrics has cer, but the recogniser {p['asr']} is not there and the pipeline "
+                                "does not train it: add the asr step (pipeline: [..., asr, eval])")
     p["summary"].parent.mkdir(parents=True, exist_ok=True)  # the run, or its development/ folder
     if "tiny_sv" in cfg.speaker_extractors and "tiny_sv" not in cfg.speaker_paths:
         # the encoder the `sv` step trains (or trained in an earlier run of this name) feeds every stage

@@ -214,7 +214,7 @@ class ReportParser(HTMLParser):
 
 
 def _args(**kw):
-    base = dict(wavlm="", whisper="", utmos="", aesthetics="", judge="", ge2e_split="", dnsmos_windows=0,
+    base = dict(wavlm="", whisper="", utmos="", aesthetics="", judge="", asr="", ge2e_split="", dnsmos_windows=0,
                 dnsmos_per_variant=0)
     base.update(kw)
     return argparse.Namespace(**base)

@@ -12,7 +12,7 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_PATH = ["train", "train_sv", "losses", "speaker", "adaln", "data"]
-FORBIDDEN = ["voice_encoder", "resemblyzer"]
+FORBIDDEN = ["voice_encoder", "resemblyzer", "asr"]
 
 CHECK = textwrap.dedent("""
     import importlib, json, sys

@@ -162,6 +162,7 @@ def test_judge_json_and_report(run):
         assert scores["accuracy"] == pytest.approx(chance) and scores["margin"] == pytest.approx(0, abs=1e-5)
     assert summary["judge"] == judge
     page = (tmp / "runs" / "smoke" / "report.html").read_text()
+    assert "cer_chance" in page
     assert "judge_acc" in page and "judge_margin" in page and "adaln_guided" in page
     scores = json.loads((tmp / "runs" / "smoke" / "scores.json").read_text())
     # the report's per-variant judge accuracy is the same number as judge.json's
@@ -170,12 +171,35 @@ def test_judge_json_and_report(run):
         assert sum(accs) / len(accs) == pytest.approx(judge[variant]["accuracy"])
 
 
+def test_asr_step_trains_the_recogniser_that_scores_the_words(run):
+    """The asr step's recogniser (trained on the train split, tested on the judge split) is what eval.py
+    transcribed every sample with; the summary's `words` are the means of the report's per-sample scores."""
+    import asr
+    import files
+
+    tmp, summary = run
+    path = tmp / "runs" / "smoke" / "asr.safetensors"
+    asr.load_recogniser(path)
+    meta = files.read_json_metadata(path, "summary")
+    assert meta["manifest"] == str(tmp / "corpus" / "train.jsonl") and meta["steps"] == 20
+    assert meta["test"] == str(tmp / "corpus" / "judge.jsonl") and 0 <= meta["test_cer"]
+    scores = json.loads((tmp / "runs" / "smoke" / "scores.json").read_text())["scores"]
+    words = summary["words"]
+    assert words["real_test"] == meta["test_cer"]
+    for variant in pipeline.VARIANTS:
+        for metric in ("cer", "cer_chance"):
+            values = [v for k, v in scores[metric].items() if k.startswith(variant + "/")]
+            assert len(values) == 9 and all(v >= 0 for v in values)
+            assert words[variant][metric] == pytest.approx(sum(values) / len(values), abs=1e-4)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--pipeline=base,corpus", "in the order"),
     ("--pipeline=corpus,train", "unknown pipeline steps"),
     ("--pipeline=", "is empty"),
     ("--stage_configs={adaln: configs/missing.yaml}", "file not found"),
     ("--stage_configs={merge: configs/micro_base.yaml}", "not a training stage"),
+    ("--pipeline=[sample,eval]", "add the asr step"),  # micro's eval_metrics has cer: no recogniser to score with
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, override, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
