@@ -312,16 +312,12 @@ def normalize_text(text):
 
 def word_error_rate(reference, hypothesis):
     """Levenshtein distance over words / number of reference words (of normalised text)."""
+    from asr import edit_distance
+
     ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
     if not ref:
         return float(len(hyp) > 0)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / len(ref)
+    return edit_distance(ref, hyp) / len(ref)
 
 
 def metric_wer(samples, wavs, path, device):
