@@ -223,20 +223,17 @@ def load_recogniser(path):
 
 
 def read_clips(manifest):
-    """(wavs, spoken texts) of a corpus manifest (JSONL: audio relative to it, text the prompt)."""
-    from audio import read_mono16k
+    """(wavs at 16 kHz, spoken texts) of a manifest's items; a bad clip or an item without text is an error
+    naming its file or line."""
+    from data import read_audio, read_manifest
     from duration import spoken_text
 
-    manifest, wavs, texts = Path(manifest), [], []
-    for lineno, line in enumerate(open(manifest, encoding="utf-8"), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not row.get("text"):
-                raise ValueError(f"{manifest}:{lineno}: no 'text' to learn the words from")
-            wavs.append(read_mono16k(str(manifest.parent / row["audio"])))
-            texts.append(spoken_text(row["text"]))
-    if not wavs:
-        raise ValueError(f"{manifest}: no clips")
+    wavs, texts = [], []
+    for item in read_manifest(manifest):
+        if not item.text:
+            raise ValueError(f"{item.where}: no 'text' to learn the words from")
+        wavs.append(read_audio(item.audio, SAMPLE_RATE, 1)[0][0])
+        texts.append(spoken_text(item.text))
     return wavs, texts
 
 

@@ -130,3 +130,20 @@ def test_cer_metric_scores_each_sample_against_its_own_and_the_other_prompts(tra
     chance = [out["cer_chance"][s["id"]] for s in samples[:6]]
     assert np.mean(own) < 0.2 < np.mean(chance), (own, chance)
     assert np.mean(swapped) > 2 * np.mean(own) + 0.2, (own, swapped)
+
+
+def test_a_manifest_row_without_text_or_with_bad_audio_is_refused_naming_it(tmp_path):
+    rng = np.random.default_rng(0)
+    write_wav(tmp_path / "a.wav", tone_clip("ab", rng)[None], SAMPLE_RATE, {})
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"audio": "a.wav", "text": 'A voice. "ab"', "id": "1"}, {"audio": "a.wav", "id": "2"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"m.jsonl:2: no 'text'"):
+        asr.read_clips(manifest)
+    manifest.write_text(json.dumps(rows[0]) + "\n")
+    wavs, texts = asr.read_clips(manifest)
+    assert texts == ["ab"] and wavs[0].shape[0] > SAMPLE_RATE // 10
+    (tmp_path / "b.wav").write_bytes(b"")
+    manifest.write_text(json.dumps({"audio": "b.wav", "text": 'A voice. "ab"'}) + "\n")
+    with pytest.raises(ValueError, match="b.wav"):
+        asr.read_clips(manifest)
