@@ -65,7 +65,7 @@ def features(wav, mel_basis=None):
 
 class Recogniser(nn.Module):
     """log-mel (B, F, N_MELS) -> per-frame log-probabilities (B, ceil(F / 2), 1 + len(CHARS)): a strided
-    convolution, then residual dilated convolutions (each frame sees ~0.6 s around it), then characters."""
+    convolution, then residual dilated convolutions (each output frame sees ±0.64 s), then characters."""
 
     DILATIONS = (1, 2, 4, 8, 1)
 
@@ -80,8 +80,9 @@ class Recogniser(nn.Module):
     def forward(self, x, lengths):
         h = self.inp(x.transpose(1, 2))
         keep = (torch.arange(h.shape[2])[None] < self.out_lengths(lengths)[:, None]).unsqueeze(1).to(h.dtype)
-        for conv, norm in zip(self.blocks, self.norms):  # padding frames are zeroed before every convolution:
-            h = h + conv(F.gelu(norm((h * keep).transpose(1, 2)).transpose(1, 2)) * keep)  # a clip reads alike in any batch
+        # padding frames are zeroed before every convolution: a clip reads alike in any batch
+        for conv, norm in zip(self.blocks, self.norms):
+            h = h + conv(F.gelu(norm((h * keep).transpose(1, 2)).transpose(1, 2)) * keep)
         return self.out(F.gelu(h)).transpose(1, 2).log_softmax(-1)
 
     @staticmethod
@@ -182,10 +183,11 @@ def train_recogniser(wavs, texts, steps=400, batch=16, lr=2e-3, hidden=192, seed
 @torch.no_grad()
 def transcribe(model, wavs, batch=32):
     """Greedy transcripts (clean_text) of mono 16 kHz clips."""
+    model.eval()
     basis, out = _mel_basis(), []
     for i in range(0, len(wavs), batch):
         x, lengths = pad([features(w, basis) for w in wavs[i:i + batch]])
-        out += greedy_decode(model.eval()(x, lengths), Recogniser.out_lengths(lengths))
+        out += greedy_decode(model(x, lengths), Recogniser.out_lengths(lengths))
     return out
 
 
@@ -214,8 +216,8 @@ def load_recogniser(path):
     files.check_file(path, "--asr")
     if files.read_safetensors_metadata(path).get("format") != FORMAT:
         raise files.BadFile(f"{path}: not a recogniser written by asr.py (no format {FORMAT!r} in its metadata)")
-    settings = files.read_json_metadata(path, "settings")
-    model = Recogniser(settings.get("hidden", 0))
+    settings = files.read_json_metadata(path, "settings") or {}
+    model = Recogniser(settings.get("hidden", 1))
     if settings != _settings(model):
         raise ValueError(f"{path}: recogniser settings {settings} differ from this asr.py's {_settings(model)}")
     model.load_state_dict(files.load_safetensors(path))

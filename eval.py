@@ -351,12 +351,11 @@ def metric_cer(samples, wavs, path):
     ids = sorted(spoken)
     texts = sorted(set(spoken.values()))
     out = {"cer": {}, "cer_chance": {}}
-    with torch.no_grad():
-        for i, hyp in zip(ids, asr.transcribe(model, [wavs[i] for i in ids])):
-            out["cer"][i] = asr.char_error_rate(spoken[i], hyp)
-            others = [t for t in texts if t != spoken[i]]
-            if others:
-                out["cer_chance"][i] = sum(asr.char_error_rate(t, hyp) for t in others) / len(others)
+    for i, hyp in zip(ids, asr.transcribe(model, [wavs[i] for i in ids])):
+        out["cer"][i] = asr.char_error_rate(spoken[i], hyp)
+        others = [t for t in texts if t != spoken[i]]
+        if others:
+            out["cer_chance"][i] = sum(asr.char_error_rate(t, hyp) for t in others) / len(others)
     return out
 
 
