@@ -2,7 +2,7 @@
 
 No pretrained recogniser can be downloaded here, and none is needed to ask whether the tiny
 pipeline's samples speak their prompt: the corpus is synthetic eSpeak speech from a small grammar.
-A character CTC model (log-mel -> strided convolution -> 2-layer bidirectional GRU -> characters)
+A character CTC model (log-mel -> strided convolution -> residual dilated convolutions -> characters)
 is trained on the real clips of a manifest (the pipeline's `asr` step: the train split), then
 `eval.py --metrics cer --asr FILE` transcribes every sample and scores the character error rate
 against the words in its prompt (`cer`), and against the words of the other prompts of the set
@@ -149,6 +149,19 @@ def masked(feat, rng):
     return feat
 
 
+def length_batches(lengths, batch, rng, pool=8):
+    """Endless batches of item indices: each epoch shuffled, cut into pools of `pool` batches, each pool
+    sorted by length and cut into batches, their order shuffled (similar lengths together: little padding)."""
+    while True:
+        order, out = rng.permutation(len(lengths)), []
+        for s in range(0, len(order), batch * pool):
+            part = order[s:s + batch * pool]
+            part = part[np.argsort(np.asarray(lengths)[part], kind="stable")]
+            out += [part[i:i + batch] for i in range(0, len(part), batch)]
+        for k in rng.permutation(len(out)):
+            yield out[k]
+
+
 def train_recogniser(wavs, texts, steps=400, batch=16, lr=2e-3, hidden=192, seed=0, log=print):
     """A Recogniser trained with CTC on clips (N,) at 16 kHz and their texts; returns it in eval mode."""
     if len(wavs) != len(texts) or len(wavs) < 2:
@@ -158,11 +171,12 @@ def train_recogniser(wavs, texts, steps=400, batch=16, lr=2e-3, hidden=192, seed
     items = training_set(wavs, texts)
     model = Recogniser(hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    picks = length_batches([len(f) for f, _ in items], min(batch, len(items)), rng)
     t0, recent = time.time(), []
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # 5 % warm-up, then cosine to 0
             group["lr"] = lr * min(1.0, step / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        pick = rng.choice(len(items), min(batch, len(items)), replace=False)
+        pick = next(picks)
         x, lengths = pad([masked(items[i][0], rng) for i in pick])
         targets = [items[i][1] for i in pick]
         log_probs = model(x, lengths)

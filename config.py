@@ -151,6 +151,7 @@ class Config:
     corpus_seed: int = 0  # the corpus stays the same across training seeds
     corpus_unseen: int = 0  # the last N of corpus_speakers are held out of every training stage (zero-shot)
     corpus_val_frac: float = 0.15  # val clips: the sampling prompts and references (prompts x speakers samples)
+    corpus_judge_frac: float = 0.25  # judge clips: the judges' centroids and training set, never generated from
     sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
@@ -338,7 +339,7 @@ BOUNDS = {
     "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
     "adaln_lr_scale": (0, None),
     "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "sigma_mu_offset": (-5, 5),
-    "corpus_val_frac": (0, 1),
+    "corpus_val_frac": (0, 1), "corpus_judge_frac": (0, 1),
     "min_seconds": (0, None), "max_seconds": (0, None), "ref_max_seconds": (0, None), "aux_sigma_max": (0, None),
     "aux_max_seconds": (0, None), "aux_crop_seconds": (0, None), "val_spk_sigma": (0, 1),
 }

@@ -70,6 +70,17 @@ def test_greedy_decode_merges_repeats_and_drops_blanks():
     assert asr.greedy_decode(log_probs, torch.tensor([3])) == ["a"]  # frames past the length are ignored
 
 
+def test_length_batches_cover_every_item_once_an_epoch_with_similar_lengths_together():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 400, 100)
+    gen = asr.length_batches(lengths, 8, np.random.default_rng(1), pool=4)
+    epoch = [next(gen) for _ in range(13)]  # 100 items in pools of 32: 4 batches of 8 per pool, one of 4 last
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(100))
+    spread = np.mean([np.ptp(lengths[b]) for b in epoch])  # a random batch of 8 spans ~0.78 of the range
+    assert spread < 0.4 * np.ptp(lengths), spread
+    assert not np.array_equal(np.concatenate(epoch), np.concatenate([next(gen) for _ in range(13)]))  # reshuffled
+
+
 def test_recogniser_learns_and_generalises_to_new_strings(trained):
     model, wavs, texts = trained
     cer, _ = asr.error_rates(texts, asr.transcribe(model, wavs))

@@ -27,7 +27,7 @@ GENERATED = []  # items per sample() call of the run's sample step, in VARIANTS 
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     argv = [MICRO, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}",
-            "--name=smoke", "--sample_shift_tokens=40", "--sample_sigma_last=0.05", "--sample_spk_sigma=[0.3,1.0]"]
+            "--name=smoke", "--corpus_judge_frac=0.4", "--sample_shift_tokens=40", "--sample_sigma_last=0.05", "--sample_spk_sigma=[0.3,1.0]"]
     real_sample = sample_lib.sample
 
     def counting_sample(*args, **kwargs):
@@ -55,6 +55,14 @@ def test_every_step_ran_and_was_timed(run):
         last = [r for r in map(json.loads, filter(str.strip, lines)) if "val_loss" in r][-1]
         assert val["val_loss"] == last["val_loss"] and val["val_text_gain"] == last["val_text_gain"]
         assert math.isfinite(val["val_text_gain"]), val
+
+
+def test_the_corpus_is_split_as_configured(run):
+    """corpus_utts 5 at corpus_val_frac 0.15 and corpus_judge_frac 0.4: 1 val, 2 judge, 2 train clips a seen voice."""
+    tmp, _ = run
+    info = json.loads((tmp / "corpus" / "corpus.json").read_text())
+    assert info["settings"]["judge_frac"] == 0.4
+    assert {split: info["counts"][split] for split in ("train", "val", "judge")} == {"train": 6, "val": 3, "judge": 6}
 
 
 def test_stage_outputs_chain(run):
