@@ -325,6 +325,9 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
     fingerprint = settings_hash(cfg, codec, fingerprints)
     counts = Counter()
     index, skipped_items = [], []
+    last_clip = (None, None)  # (file and stamp, encode_clip's result): a manifest that lists one clip under
+    # several texts in a row (the base's corpus: each clip, then the same under its voice's description)
+    # encodes it once; only the last is kept, so memory does not grow with the manifest
     for item in tqdm(items, desc="prepare", unit="item", file=sys.stderr):
         path = entry_path(cache_dir, item.id)
         try:
@@ -335,7 +338,10 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
                 with safe_open(str(path), "pt") as f:
                     frames = int(f.metadata()["frames"])
             else:
-                latent, spk, resampled = encode_clip(item.audio, cfg, codec, speaker, device)
+                key = (str(item.audio), file_stamp(item.audio))
+                if last_clip[0] != key:
+                    last_clip = (key, encode_clip(item.audio, cfg, codec, speaker, device))
+                latent, spk, resampled = last_clip[1]
                 tensors = {"latent": latent, "text": encode_text(text_encoder, item.text)}
                 progress = text_progress(text_encoder, item.text)
                 if progress is not None:

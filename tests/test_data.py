@@ -201,6 +201,24 @@ def test_cache_entry_contents(tmp_path):
     assert shared["null_text"].shape == (0, 4)  # the empty prompt has no tokens in this text double
 
 
+def test_a_clip_listed_twice_in_a_row_is_encoded_once(tmp_path):
+    """The base's manifest lists each clip, then the same clip under its voice's description."""
+    sf.write(tmp_path / "a.wav", tone(1.0), SR)
+    sf.write(tmp_path / "b.wav", tone(1.0, 330), SR)
+    rows = [{"audio": "a.wav", "text": "one", "id": "a1"}, {"audio": "a.wav", "text": "two", "id": "a2"},
+            {"audio": "b.wav", "text": "three", "id": "b"}, {"audio": "a.wav", "text": "four", "id": "a3"}]
+    cfg = make_cfg(tmp_path, write_manifest(tmp_path / "m.jsonl", rows))
+    codec, calls = FakeCodec(), []
+    real_encode = codec.encode
+    codec.encode = lambda wav: calls.append(wav.shape) or real_encode(wav)
+    assert run_prepare(cfg, codec=codec)["encoded"] == 4
+    assert len(calls) == 3 + 1  # a, b, a again (not in a row): only the last clip is kept; + the silence latent
+    entries = {i: files.load_safetensors(str(data.entry_path(train_cache(cfg), i))) for i in ("a1", "a2", "a3")}
+    for k in ("latent", "speaker"):
+        assert torch.equal(entries["a1"][k], entries["a2"][k]) and torch.equal(entries["a1"][k], entries["a3"][k])
+    assert not torch.equal(entries["a1"]["text"], entries["a2"]["text"])  # each keeps its own text
+
+
 def test_stale_cache_is_reencoded(tmp_path):
     sf.write(tmp_path / "a.wav", tone(1.0), SR)
     sf.write(tmp_path / "b.wav", tone(1.0, 330), SR)
