@@ -152,11 +152,12 @@ def masked(feat, rng):
 def length_batches(lengths, batch, rng, pool=8):
     """Endless batches of item indices: each epoch shuffled, cut into pools of `pool` batches, each pool
     sorted by length and cut into batches, their order shuffled (similar lengths together: little padding)."""
+    lengths = np.asarray(lengths)
     while True:
         order, out = rng.permutation(len(lengths)), []
         for s in range(0, len(order), batch * pool):
             part = order[s:s + batch * pool]
-            part = part[np.argsort(np.asarray(lengths)[part], kind="stable")]
+            part = part[np.argsort(lengths[part], kind="stable")]
             out += [part[i:i + batch] for i in range(0, len(part), batch)]
         for k in rng.permutation(len(out)):
             yield out[k]

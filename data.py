@@ -325,9 +325,10 @@ def prepare_split(cfg, manifest, cache_dir, codec, text_encoder, speaker, finger
     fingerprint = settings_hash(cfg, codec, fingerprints)
     counts = Counter()
     index, skipped_items = [], []
-    last_clip = (None, None)  # (file and stamp, encode_clip's result): a manifest that lists one clip under
-    # several texts in a row (the base's corpus: each clip, then the same under its voice's description)
-    # encodes it once; only the last is kept, so memory does not grow with the manifest
+    # (file and stamp, encode_clip's result) of the last clip: a manifest that lists one clip under several
+    # texts in a row (the base's corpus: each clip, then under its voice's description) encodes it once;
+    # only the last is kept, so memory does not grow with the manifest
+    last_clip = (None, None)
     for item in tqdm(items, desc="prepare", unit="item", file=sys.stderr):
         path = entry_path(cache_dir, item.id)
         try:

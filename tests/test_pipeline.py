@@ -27,7 +27,8 @@ GENERATED = []  # items per sample() call of the run's sample step, in VARIANTS 
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     argv = [MICRO, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}",
-            "--name=smoke", "--corpus_judge_frac=0.4", "--sample_shift_tokens=40", "--sample_sigma_last=0.05", "--sample_spk_sigma=[0.3,1.0]"]
+            "--name=smoke", "--corpus_judge_frac=0.4", "--sample_shift_tokens=40", "--sample_sigma_last=0.05",
+            "--sample_spk_sigma=[0.3,1.0]"]
     real_sample = sample_lib.sample
 
     def counting_sample(*args, **kwargs):
