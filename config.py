@@ -152,6 +152,8 @@ class Config:
     corpus_unseen: int = 0  # the last N of corpus_speakers are held out of every training stage (zero-shot)
     corpus_val_frac: float = 0.15  # val clips: the sampling prompts and references (prompts x speakers samples)
     corpus_judge_frac: float = 0.25  # judge clips: the judges' centroids and training set, never generated from
+    corpus_extra_voices: int = 0  # training-only voices drawn from eSpeak's variants (corpus.draw_extra_voices)
+    corpus_extra_utts: int = 20  # clips per extra voice, all in train (and base)
     sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant
@@ -339,7 +341,8 @@ BOUNDS = {
     "warmup_frac": (0, 1), "min_lr_ratio": (0, 1), "text_dropout": (0, 1), "speaker_dropout": (0, 1),
     "adaln_lr_scale": (0, None),
     "lora_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "sigma_fixed": (0, 1), "sigma_mu_offset": (-5, 5),
-    "corpus_val_frac": (0, 1), "corpus_judge_frac": (0, 1),
+    "corpus_val_frac": (0, 1), "corpus_judge_frac": (0, 1), "corpus_extra_voices": (0, None),
+    "corpus_extra_utts": (1, None),
     "min_seconds": (0, None), "max_seconds": (0, None), "ref_max_seconds": (0, None), "aux_sigma_max": (0, None),
     "aux_max_seconds": (0, None), "aux_crop_seconds": (0, None), "val_spk_sigma": (0, 1),
 }

@@ -15,8 +15,8 @@ Layout written under `--out` (paths in the manifests are relative to it):
     val_unseen.jsonl judge_unseen.jsonl    the held-out voices (empty files when unseen = 0)
         {"audio": "wavs/...", "text": "A clear voice. \\"the red fox runs\\"", "speaker": "spk00",
          "source": "espeak", "id": "spk00_0000"}
-    base.jsonl                     the base DiT's training set: every train clip twice, with the shared
-                                   description and with its voice's own ("A deep US man. \\"...\\"")
+    base.jsonl                     the base DiT's training set: every train clip of the VOICES twice, with
+                                   the shared description and with its voice's own ("A deep US man. \\"...\\"")
     transcripts.tsv                id, speaker, split, raw transcript
     corpus.json                    settings, their hash, counts, voices, build time
 
@@ -33,8 +33,9 @@ The split is by utterance, per speaker: `judge` clips train the speaker-identifi
 (judge.py) and are never seen by the generator; `val` clips are held out from both, so they are
 the references for sampling and the clean test set of the judge. The last `unseen` voices are held
 out of training altogether (zero-shot cloning): their clips go to `val_unseen` and `judge_unseen`
-only, never to `train`. A second call with the same settings finds `corpus.json` with the same hash
-and returns at once.
+only, never to `train`. Extra voices (`--extra_voices`, drawn from eSpeak's variants but never one
+that a held-out voice uses) add training clips of more voices, in `train` only. A second call with the
+same settings finds `corpus.json` with the same hash and returns at once.
 """
 
 import argparse
@@ -85,6 +86,38 @@ VOICES = [
     ("en+m5", 20, 50, 170, "A bass voice."),
     ("en-us-nyc+f4", 75, 80, 200, "A NY woman."),
 ]
+
+# Extra training-only voices (`extra_voices`): drawn per build from these accents and eSpeak variants
+# (formant sets), each with its own pitch, range and rate. A variant that a held-out voice of the
+# build uses is never drawn, so the zero-shot voices' formant sets stay out of training. Novelty
+# variants (Demonic, croak, the robots) and the klatt synthesiser's are left out.
+EXTRA_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan",
+                 "en-gb-x-gbcwmd")
+EXTRA_VARIANTS = ("Alex", "Alicia", "Andrea", "Andy", "Annie", "Denis", "Gene", "Hugo", "Jacky", "Lee",
+                  "Marco", "Michael", "Mike", "Reed", "Storm", "adam", "anika", "announcer", "antonio",
+                  "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "f1", "f2",
+                  "f3", "f4", "f5", "grandma", "grandpa", "ian", "iven", "john", "linda", "m1", "m2", "m3",
+                  "m4", "m5", "m6", "m7", "m8", "max", "michel", "norbert", "paul", "pedro", "quincy", "rob",
+                  "robert", "steph", "travis", "victor", "whisper", "whisperf", "zac")
+
+
+def draw_extra_voices(n, seed, held_out):
+    """`n` training-only voices as VOICES rows, drawn from (seed): the variants in a seeded order (each
+    once while the pool lasts), none that a `held_out` voice ("language+variant" names) uses; the
+    first k of n voices are the k voices of a smaller draw."""
+    banned = {name.partition("+")[2] for name in held_out}
+    pool = [v for v in EXTRA_VARIANTS if v not in banned]
+    voices = []
+    for j in range(n):
+        if j % len(pool) == 0:
+            order = random.Random(f"{seed}-extra-{j // len(pool)}").sample(pool, len(pool))
+        rng = random.Random(f"{seed}-extra-voice-{j}")
+        pitch = rng.randrange(15, 91)
+        description = "A deep voice." if pitch < 35 else "A high voice." if pitch > 70 else "A mid voice."
+        voices.append((f"{rng.choice(EXTRA_ACCENTS)}+{order[j % len(pool)]}", pitch, rng.randrange(10, 91),
+                       rng.randrange(130, 211), description))
+    return voices
+
 
 # A seeded grammar: "the <adj> <noun> <verb> <prep> the <adj> <noun>" and shorter variants.
 ADJECTIVES = ("red", "small", "quiet", "old", "bright", "cold", "green", "happy", "dark", "tall",
@@ -244,12 +277,18 @@ def utterance(engine, rng, voice):
 
 
 def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, judge_frac=0.25, unseen=0,
-                 verbose=True):
+                 extra_voices=0, extra_utts=20, verbose=True):
     """Build (or find cached) the corpus under `out`; returns the `corpus.json` dict.
 
     The result's "manifests" maps each split to its JSONL path. Speaker k's sentences depend only
     on (seed, k), so adding speakers leaves the existing ones unchanged. The last `unseen` of the
     `speakers` voices are held out of `train`: their training share goes to `judge_unseen`.
+    `extra_voices` more voices (`draw_extra_voices`, speakers x00, x01, ...) add `extra_utts` clips
+    each to `train` only: more voices for the speaker encoder and the speaker path (stages 1 and 2) to
+    learn the mapping from a voice's features from, with nothing to judge or sample, so the judged
+    voices and their clips are the same as without them. They stay out of `base`: the base DiT, the
+    pretrained model's stand-in, spread over 40 voices rendered the judged ones worse (its val loss
+    0.763 -> 0.80) and cost the seen voices identity (records/2026-12-03_extra_voices.md).
     """
     if not 1 <= speakers <= len(VOICES):
         raise ValueError(f"speakers must be 1..{len(VOICES)} (the voices in corpus.VOICES), got {speakers}")
@@ -261,6 +300,9 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
                 "val_frac": val_frac, "judge_frac": judge_frac, "sample_rate": SAMPLE_RATE,
                 "voices": [list(v) for v in VOICES[:speakers]], "description": DESCRIPTION,
                 "unseen": unseen, "version": FORMAT_VERSION}
+    extras = draw_extra_voices(extra_voices, seed, [v[0] for v in VOICES[speakers - unseen:speakers]])
+    if extras:  # only then a key: corpora built before extra voices existed keep their hash
+        settings.update(extra_voices=extra_voices, extra_utts=extra_utts)
     digest = settings_hash(settings)
     info_path = out / "corpus.json"
     if info_path.is_file():
@@ -279,14 +321,17 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
     base_rows = []  # base.jsonl: each train row, then the same clip under its voice's own description
     transcripts = []
     total_seconds = 0.0
-    for k, voice in enumerate(VOICES[:speakers]):
-        spk = f"spk{k:02d}"
-        rng = random.Random(f"{seed}-{k}")
+    voices = [(f"spk{k:02d}", v) for k, v in enumerate(VOICES[:speakers])]
+    voices += [(f"x{j:02d}", v) for j, v in enumerate(extras)]
+    for k, (spk, voice) in enumerate(voices):
+        rng = random.Random(f"{seed}-{k}" if k < speakers else f"{seed}-{spk}")
         (out / "wavs" / spk).mkdir(parents=True, exist_ok=True)
         splits = ["train"] * n_train + ["val"] * n_val + ["judge"] * n_judge
         rng.shuffle(splits)  # which utterance goes where is random, not "the last ones"
-        if k >= speakers - unseen:  # a held-out voice: nothing of it is trained on
+        if speakers - unseen <= k < speakers:  # a held-out voice: nothing of it is trained on
             splits = ["val_unseen" if s == "val" else "judge_unseen" for s in splits]
+        if k >= speakers:  # an extra voice: training clips only
+            splits = ["train"] * extra_utts
         for i, split in enumerate(splits):
             text, wav = utterance(engine, rng, voice)
             utt_id = f"{spk}_{i:04d}"
@@ -295,7 +340,7 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
             total_seconds += len(wav) / SAMPLE_RATE
             rows[split].append({"audio": rel, "text": prompt(text), "speaker": spk,
                                 "source": SOURCE, "id": utt_id})
-            if split == "train":
+            if split == "train" and k < speakers:  # the base hears the judged voices only (see build_corpus)
                 base_rows += [rows[split][-1], {**rows[split][-1], "text": prompt(text, voice[4]),
                                                 "id": f"{utt_id}_described"}]
             transcripts.append(f"{utt_id}\t{spk}\t{split}\t{text}")
@@ -308,16 +353,17 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
     manifests["base"] = "base.jsonl"
     files.write_text(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
     info = {"hash": digest, "settings": settings, "manifests": manifests,
-            "speakers": {f"spk{k:02d}": {"voice": v[0], "pitch": v[1], "range": v[2], "rate": v[3],
-                                         "description": v[4], "seen": k < speakers - unseen}
-                         for k, v in enumerate(VOICES[:speakers])},
+            "speakers": {spk: {"voice": v[0], "pitch": v[1], "range": v[2], "rate": v[3], "description": v[4],
+                               "seen": not speakers - unseen <= k < speakers, "extra": k >= speakers}
+                         for k, (spk, v) in enumerate(voices)},
             "utterances": sum(len(r) for r in rows.values()),
             "counts": {split: len(rows[split]) for split in SPLITS},
             "audio_seconds": round(total_seconds, 1), "build_seconds": round(time.time() - t0, 2)}
     files.write_text(info_path, json.dumps(info, indent=1))  # written last: its presence means complete
     if verbose:
         print(f"corpus: built {info['utterances']} utterances ({info['audio_seconds']} s of audio, "
-              f"{speakers} speakers, splits {info['counts']}) in {info['build_seconds']} s -> {out}")
+              f"{speakers} speakers + {len(extras)} extra, splits {info['counts']}) in {info['build_seconds']} s "
+              f"-> {out}")
     return _with_paths(info, out)
 
 
@@ -345,9 +391,11 @@ def main(argv=None):
     parser.add_argument("--val_frac", type=float, default=0.15)
     parser.add_argument("--judge_frac", type=float, default=0.25)
     parser.add_argument("--unseen", type=int, default=0, help="the last N voices are held out of training")
+    parser.add_argument("--extra_voices", type=int, default=0, help="training-only voices drawn from eSpeak's")
+    parser.add_argument("--extra_utts", type=int, default=20, help="clips per extra voice (all train)")
     args = parser.parse_args(argv)
     build_corpus(args.out, args.speakers, args.utts_per_speaker, args.seed, args.val_frac, args.judge_frac,
-                 args.unseen)
+                 args.unseen, args.extra_voices, args.extra_utts)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def step_corpus(cfg, p, yamls, overrides):
     """corpus.py: the eSpeak NG corpus with train / val / judge manifests (cached by its settings)."""
     run_command(["corpus.py", "--out", p["corpus"], "--speakers", cfg.corpus_speakers, "--utts_per_speaker",
                  cfg.corpus_utts, "--seed", cfg.corpus_seed, "--val_frac", cfg.corpus_val_frac,
-                 "--judge_frac", cfg.corpus_judge_frac, "--unseen", cfg.corpus_unseen],
+                 "--judge_frac", cfg.corpus_judge_frac, "--unseen", cfg.corpus_unseen,
+                 "--extra_voices", cfg.corpus_extra_voices, "--extra_utts", cfg.corpus_extra_utts],
                 p["run"] / "logs" / "corpus.log")
 
 

@@ -182,6 +182,35 @@ def test_unseen_voices_are_held_out_of_training(tmp_path):
         corpus.build_corpus(tmp_path / "x", speakers=3, utts_per_speaker=4, unseen=3, verbose=False)
 
 
+def test_extra_voices_only_add_training_clips(tmp_path):
+    """Extra voices put their clips in train only, use no variant of a held-out voice, and leave every
+    judged voice's clips (and the base's training set) as they were."""
+    info = corpus.build_corpus(tmp_path / "x", speakers=4, utts_per_speaker=4, unseen=2, extra_voices=3, extra_utts=2,
+                               verbose=False)
+    plain = corpus.build_corpus(tmp_path / "p", speakers=4, utts_per_speaker=4, unseen=2, verbose=False)
+    assert info["hash"] != plain["hash"]
+    train = rows_of(info, "train")
+    assert [r["speaker"] for r in train if r["speaker"].startswith("x")] == ["x00"] * 2 + ["x01"] * 2 + ["x02"] * 2
+    for split in ("base", "val", "judge", "val_unseen", "judge_unseen"):  # the base DiT never hears them
+        assert rows_of(info, split) == rows_of(plain, split)
+    held_out = {corpus.VOICES[k][0].partition("+")[2] for k in (2, 3)}
+    extras = [s for name, s in info["speakers"].items() if s["extra"]]
+    assert len(extras) == 3 and all(s["seen"] for s in extras)
+    assert not held_out & {s["voice"].partition("+")[2] for s in extras}
+    assert len({s["voice"].partition("+")[2] for s in extras}) == 3  # distinct formant sets
+    assert info["counts"]["train"] == len(rows_of(plain, "train")) + 6
+
+
+def test_extra_voices_avoid_every_held_out_variant():
+    held_out = [v[0] for v in corpus.VOICES[8:16]]
+    voices = corpus.draw_extra_voices(100, seed=1, held_out=held_out)
+    variants = {v[0].partition("+")[2] for v in voices}
+    assert len(voices) == 100 and not variants & {h.partition("+")[2] for h in held_out}
+    assert variants <= set(corpus.EXTRA_VARIANTS) <= corpus.Espeak.get().variants  # names eSpeak knows
+    assert corpus.draw_extra_voices(5, 1, held_out) == voices[:5]  # more voices keep the first ones
+    assert corpus.draw_extra_voices(5, 2, held_out) != voices[:5]
+
+
 def test_voice_table_has_sixteen_distinct_voices():
     """At least 16 voices, no two alike (the zero-shot split needs voices to hold out)."""
     assert len(corpus.VOICES) >= 16

@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import adaln as adaln_lib
+import files
 import model as model_lib
 import pipeline
 import sample as sample_lib
@@ -28,7 +29,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     argv = [MICRO, f"--out_dir={tmp / 'runs'}", f"--corpus_dir={tmp / 'corpus'}", f"--cache_dir={tmp / 'cache'}",
             "--name=smoke", "--corpus_judge_frac=0.4", "--sample_shift_tokens=40", "--sample_sigma_last=0.05",
-            "--sample_spk_sigma=[0.3,1.0]"]
+            "--sample_spk_sigma=[0.3,1.0]", "--corpus_extra_voices=2", "--corpus_extra_utts=2"]
     real_sample = sample_lib.sample
 
     def counting_sample(*args, **kwargs):
@@ -59,11 +60,17 @@ def test_every_step_ran_and_was_timed(run):
 
 
 def test_the_corpus_is_split_as_configured(run):
-    """corpus_utts 5 at corpus_val_frac 0.15 and corpus_judge_frac 0.4: 1 val, 2 judge, 2 train clips a seen voice."""
+    """corpus_utts 5 at corpus_val_frac 0.15 and corpus_judge_frac 0.4: 1 val, 2 judge, 2 train clips a seen voice;
+    2 extra voices add 2 clips each to train, which the speaker encoder and stage 1 learn from, and none to the base."""
     tmp, _ = run
     info = json.loads((tmp / "corpus" / "corpus.json").read_text())
-    assert info["settings"]["judge_frac"] == 0.4
-    assert {split: info["counts"][split] for split in ("train", "val", "judge")} == {"train": 6, "val": 3, "judge": 6}
+    assert info["settings"]["judge_frac"] == 0.4 and info["settings"]["extra_voices"] == 2
+    assert {split: info["counts"][split] for split in ("train", "val", "judge")} == {"train": 10, "val": 3, "judge": 6}
+    speakers = lambda path: {json.loads(line)["speaker"] for line in path.read_text().splitlines()}
+    assert {"x00", "x01"} <= speakers(tmp / "corpus" / "train.jsonl")
+    assert not {"x00", "x01"} & speakers(tmp / "corpus" / "base.jsonl")
+    sv = json.loads(files.read_safetensors_metadata(tmp / "runs" / "smoke_sv" / "sv.safetensors")["summary"])
+    assert {"x00", "x01"} <= set(sv["voices"])
 
 
 def test_stage_outputs_chain(run):
@@ -85,7 +92,8 @@ def test_stage_outputs_chain(run):
     for cfg in (lora_cfg, adaln_cfg):
         assert (cfg["manifest"], cfg["cache_dir"]) == (str(tmp / "corpus" / "train.jsonl"), str(tmp / "cache"))
     items = {d: json.loads((tmp / "cache" / d / "index.json").read_text())["items"] for d in ("base/train", "train")}
-    assert len(items["base/train"]) == 2 * len(items["train"])
+    judged = [item for item in items["train"] if not item["speaker"].startswith("x")]  # the extra voices: train only
+    assert len(items["base/train"]) == 2 * len(judged) < 2 * len(items["train"])
     # the merge changed the adapted weights (LoRA B is trained away from zero) and only those
     with safe_open(str(runs / "smoke_base" / "dit.safetensors"), "pt") as base, \
             safe_open(str(runs / "smoke" / "merged.safetensors"), "pt") as merged:
@@ -142,7 +150,7 @@ def test_samples_cover_every_prompt_and_speaker(run):
             baseline.setdefault((meta["prompt"], meta["duration_s"]), set()).add(side.with_suffix(".wav").read_bytes())
     assert len(baseline) == len(val) and all(len(v) == 1 for v in baseline.values())
     train_speakers = {r["speaker"] for r in rows("train")}
-    assert train_speakers == {"spk00", "spk01", "spk02"}  # the held-out voices were never trained on
+    assert train_speakers == {"spk00", "spk01", "spk02", "x00", "x01"}  # the held-out voices were never trained on
     guided = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln_guided").glob("*.json")).read_text())
     plain = json.loads(next((tmp / "runs" / "smoke" / "samples" / "adaln").glob("*.json")).read_text())
     assert guided["spk_cfg"] > 1.0 and plain["spk_cfg"] == 1.0
