@@ -153,7 +153,7 @@ class Config:
     corpus_val_frac: float = 0.15  # val clips: the sampling prompts and references (prompts x speakers samples)
     corpus_judge_frac: float = 0.25  # judge clips: the judges' centroids and training set, never generated from
     corpus_extra_voices: int = 0  # training-only voices drawn from eSpeak's variants (corpus.draw_extra_voices)
-    corpus_extra_utts: int = 20  # clips per extra voice, all in train (and base)
+    corpus_extra_utts: int = 20  # clips per extra voice, all in train (none in base: the base hears the judged voices)
     sample_steps: int = 16  # Euler steps per sample in the pipeline's sample step
     sample_cfg: float = 1.0  # CFG scale of the pipeline's samples (1 = off: one pass per step)
     sample_spk_cfg: float = 3.0  # speaker guidance scale of the "guided" stage-2 variant

@@ -276,6 +276,31 @@ def utterance(engine, rng, voice):
     raise RuntimeError(f"voice {name}: no sentence fell within {MIN_SECONDS}-{MAX_SECONDS} s")
 
 
+def _splits_of(k, rng, counts, speakers, unseen, extra_utts):
+    """The split of each clip of voice k, in clip order. A judged voice's (n_train, n_val, n_judge) `counts`
+    are shuffled (which utterance goes where is random, not "the last ones"); a held-out voice's go to
+    val_unseen / judge_unseen; an extra voice's `extra_utts` clips all go to train. The shuffle draws from
+    `rng` for every voice, extra ones too, so each voice's sentences stay those of the corpora built so far."""
+    n_train, n_val, n_judge = counts
+    splits = ["train"] * n_train + ["val"] * n_val + ["judge"] * n_judge
+    rng.shuffle(splits)
+    if k >= speakers:
+        return ["train"] * extra_utts
+    if k >= speakers - unseen:  # nothing of a held-out voice is trained on
+        return ["val_unseen" if s == "val" else "judge_unseen" for s in splits]
+    return splits
+
+
+def _write_manifests(out, rows, transcripts):
+    """Each split's rows (and base's) as `<split>.jsonl` and the transcripts table; returns {split: file name}."""
+    manifests = {}
+    for split, split_rows in rows.items():
+        manifests[split] = f"{split}.jsonl"
+        files.write_text(out / manifests[split], "".join(json.dumps(r) + "\n" for r in split_rows))
+    files.write_text(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
+    return manifests
+
+
 def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, judge_frac=0.25, unseen=0,
                  extra_voices=0, extra_utts=20, verbose=True):
     """Build (or find cached) the corpus under `out`; returns the `corpus.json` dict.
@@ -326,13 +351,7 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
     for k, (spk, voice) in enumerate(voices):
         rng = random.Random(f"{seed}-{k}" if k < speakers else f"{seed}-{spk}")
         (out / "wavs" / spk).mkdir(parents=True, exist_ok=True)
-        splits = ["train"] * n_train + ["val"] * n_val + ["judge"] * n_judge
-        rng.shuffle(splits)  # which utterance goes where is random, not "the last ones"
-        if speakers - unseen <= k < speakers:  # a held-out voice: nothing of it is trained on
-            splits = ["val_unseen" if s == "val" else "judge_unseen" for s in splits]
-        if k >= speakers:  # an extra voice: training clips only
-            splits = ["train"] * extra_utts
-        for i, split in enumerate(splits):
+        for i, split in enumerate(_splits_of(k, rng, (n_train, n_val, n_judge), speakers, unseen, extra_utts)):
             text, wav = utterance(engine, rng, voice)
             utt_id = f"{spk}_{i:04d}"
             rel = f"wavs/{spk}/{utt_id}.wav"
@@ -344,14 +363,7 @@ def build_corpus(out, speakers=8, utts_per_speaker=40, seed=0, val_frac=0.15, ju
                 base_rows += [rows[split][-1], {**rows[split][-1], "text": prompt(text, voice[4]),
                                                 "id": f"{utt_id}_described"}]
             transcripts.append(f"{utt_id}\t{spk}\t{split}\t{text}")
-    manifests = {}
-    for split in SPLITS:
-        name = f"{split}.jsonl"
-        files.write_text(out / name, "".join(json.dumps(r) + "\n" for r in rows[split]))
-        manifests[split] = name
-    files.write_text(out / "base.jsonl", "".join(json.dumps(r) + "\n" for r in base_rows))
-    manifests["base"] = "base.jsonl"
-    files.write_text(out / "transcripts.tsv", "id\tspeaker\tsplit\ttranscript\n" + "\n".join(transcripts) + "\n")
+    manifests = _write_manifests(out, {**rows, "base": base_rows}, transcripts)
     info = {"hash": digest, "settings": settings, "manifests": manifests,
             "speakers": {spk: {"voice": v[0], "pitch": v[1], "range": v[2], "rate": v[3], "description": v[4],
                                "seen": not speakers - unseen <= k < speakers, "extra": k >= speakers}
